@@ -1,0 +1,219 @@
+"""X-HRNet building blocks as plain functions over stock tf_keras layers (NHWC).
+
+Every layer gets a deterministic name that says where it sits, e.g.
+`stage1_module2_branch0_unit1_hsusa`; `xhrnet_tf.convert` maps official checkpoint keys onto
+these names, so renaming a layer here means updating the converter too.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import tf_keras
+from tf_keras import layers
+
+from xhrnet_tf.layers import SUSA, BilinearResize, ChannelSplit, conv_initializer
+
+# PyTorch BatchNorm defaults in Keras terms (SPEC 2.2): eps 1e-5, running = 0.9 * running + ...
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def batch_norm(x, name: str):
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+
+
+def conv_bn(x, filters: int, kernel: int, name: str, *, stride: int = 1,
+            depthwise: bool = False, relu: bool = False, bn: bool = True):
+    """Conv (no bias when followed by BN) -> BN -> optional ReLU.
+
+    Stride-2 convs pad one pixel on all sides and convolve VALID, as PyTorch does; TF's SAME
+    would pad only bottom/right and shift the sampling grid by one pixel (SPEC 2.1).
+    """
+    padding = "same"
+    if stride == 2:
+        x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+        padding = "valid"
+    if depthwise:
+        x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=not bn,
+                                   depthwise_initializer=conv_initializer(), name=name)(x)
+    else:
+        x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=not bn,
+                          kernel_initializer=conv_initializer(), name=name)(x)
+    if bn:
+        x = batch_norm(x, f"{name}_bn")
+    if relu:
+        x = layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def channel_shuffle(x, groups: int, name: str):
+    """mmpose channel_shuffle in NHWC with rank-4 tensors only (SPEC 2.5).
+
+    (N,H,W,C) -> (N,H*W,g,C/g) -> swap the last two axes -> (N,H,W,C). Folding H and W keeps
+    the tensor 4-D, which GPU/NNAPI delegates require.
+    """
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    x = layers.Reshape((h * w, groups, c // groups), name=f"{name}_fold")(x)
+    x = layers.Permute((1, 3, 2), name=f"{name}_swap")(x)
+    return layers.Reshape((h, w, c), name=f"{name}_unfold")(x)
+
+
+def stem(x, channels: int, name: str = "stem"):
+    """SPEC 3: conv s2 + ReLU, split, two ShuffleNet branches (one down-sampling), shuffle."""
+    x = conv_bn(x, channels, 3, f"{name}_conv1", stride=2, relu=True)
+    half = channels // 2
+    x1, x2 = ChannelSplit([half, half], name=f"{name}_split")(x)
+    x1 = conv_bn(x1, half, 3, f"{name}_branch1_0", stride=2, depthwise=True)
+    x1 = conv_bn(x1, half, 1, f"{name}_branch1_1", relu=True)
+    x2 = conv_bn(x2, channels, 1, f"{name}_branch2_0", relu=True)
+    x2 = conv_bn(x2, channels, 3, f"{name}_branch2_1", stride=2, depthwise=True)
+    x2 = conv_bn(x2, half, 1, f"{name}_branch2_2", relu=True)
+    x = layers.Concatenate(name=f"{name}_concat")([x1, x2])
+    return channel_shuffle(x, 2, f"{name}_shuffle")
+
+
+def _susa(x, direction: str, model_cfg, name: str):
+    max_length = model_cfg.max_height if direction == "h" else model_cfg.max_width
+    return SUSA(direction, max_length, fusion=model_cfg.fusion, name=name)(x)
+
+
+def _hwsusa(x, model_cfg, name: str):
+    """SPEC 6.3: half the channels get H-attention, half W-attention, then a 2-shuffle."""
+    c = x.shape[-1]
+    a, b = ChannelSplit([c // 2, c // 2], name=f"{name}_split")(x)
+    a = _susa(a, "h", model_cfg, f"{name}_h")
+    b = _susa(b, "w", model_cfg, f"{name}_w")
+    x = layers.Concatenate(name=f"{name}_concat")([a, b])
+    return channel_shuffle(x, 2, f"{name}_shuffle")
+
+
+def unit_branch(y, model_cfg, name: str):
+    """The transformed half of a shuffle unit (official `branch2`) for each unit type."""
+    f = y.shape[-1]
+    unit = model_cfg.unit
+    if unit == "sx":
+        first, last = ("w", "h") if model_cfg.susa_order == "wh" else ("h", "w")
+        y = _susa(y, first, model_cfg, f"{name}_{first}susa")
+        y = conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
+        return _susa(y, last, model_cfg, f"{name}_{last}susa")
+    if unit == "px":
+        y = _hwsusa(y, model_cfg, f"{name}_hwsusa0")
+        y = conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
+        return _hwsusa(y, model_cfg, f"{name}_hwsusa2")
+    if unit == "naive":
+        y = conv_bn(y, f, 1, f"{name}_pw0", relu=True)
+        y = conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
+        return conv_bn(y, f, 1, f"{name}_pw2", relu=True)
+    if unit == "baseline":
+        return conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
+    raise ValueError(f"unknown unit type {unit!r}")
+
+
+def shuffle_unit(x, model_cfg, name: str):
+    """Stride-1 shuffle unit (SPEC 6): split, transform one half, concat, shuffle. No residual."""
+    c = x.shape[-1]
+    x1, x2 = ChannelSplit([c // 2, c // 2], name=f"{name}_split")(x)
+    y = unit_branch(x2, model_cfg, name)
+    x = layers.Concatenate(name=f"{name}_concat")([x1, y])
+    return channel_shuffle(x, 2, f"{name}_shuffle")
+
+
+def transition(inputs: List, in_channels: Sequence[int], out_channels: Sequence[int],
+               name: str) -> List:
+    """SPEC 4: adapt existing branches (DW+BN+PW+BN when channels change) and grow new ones
+    from the last previous branch with stride-2 DW steps."""
+    outputs = []
+    for i, c_out in enumerate(out_channels):
+        if i < len(in_channels):
+            x = inputs[i]
+            if in_channels[i] != c_out:
+                x = conv_bn(x, in_channels[i], 3, f"{name}_branch{i}_dw", depthwise=True)
+                x = conv_bn(x, c_out, 1, f"{name}_branch{i}_pw")
+            outputs.append(x)
+            continue
+        x = inputs[-1]
+        steps = i + 1 - len(in_channels)
+        for t in range(steps):
+            c_in = x.shape[-1]
+            c = c_out if t == steps - 1 else c_in
+            x = conv_bn(x, c_in, 3, f"{name}_branch{i}_step{t}_dw", stride=2, depthwise=True)
+            x = conv_bn(x, c, 1, f"{name}_branch{i}_step{t}_pw")
+        outputs.append(x)
+    return outputs
+
+
+def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str):
+    """F_ij of SPEC 5.2: up path (PW+BN+nearest upsample) or down path (DW-s2 steps)."""
+    if j > i:
+        x = conv_bn(x, channels[i], 1, f"{name}_pw")
+        factor = 2 ** (j - i)
+        return layers.UpSampling2D(factor, interpolation="nearest", name=f"{name}_up")(x)
+    steps = i - j
+    for t in range(steps):
+        last = t == steps - 1
+        c_out = channels[i] if last else channels[j]
+        x = conv_bn(x, channels[j], 3, f"{name}_step{t}_dw", stride=2, depthwise=True)
+        x = conv_bn(x, c_out, 1, f"{name}_step{t}_pw", relu=not last)
+    return x
+
+
+def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
+    """Multi-resolution fusion of one module (SPEC 5.3).
+
+    'official' reproduces the in-place aliasing of the official code: branch 0 enters its own
+    sum twice, and the other outputs see the pre-ReLU fused branch 0 (z0) through F_i0,
+    counted twice. The term order of each Add follows the official accumulation order.
+    'standard' is the plain HRNet sum x_i + sum_j F_ij(x_j).
+    """
+    n = len(xs)
+    outputs, z0 = [], None
+    for i in range(n):
+        terms = []
+        for j in range(n):
+            src = z0 if (fuse_mode == "official" and j == 0 and i > 0) else xs[j]
+            term = src if i == j else fuse_path(src, i, j, channels, f"{name}_fuse{i}_{j}")
+            terms.append(term)
+        if fuse_mode == "official":
+            terms.insert(0, terms[0])
+        z = layers.Add(name=f"{name}_fuse{i}_add")(terms)
+        if i == 0:
+            z0 = z
+        outputs.append(layers.ReLU(name=f"{name}_fuse{i}_relu")(z))
+    return outputs
+
+
+def lite_module(xs: List, model_cfg, channels: Sequence[int], num_blocks: int,
+                name: str) -> List:
+    """One multi-branch module: `num_blocks` shuffle units per branch, then the fusion."""
+    ys = []
+    for b, x in enumerate(xs):
+        for u in range(num_blocks):
+            x = shuffle_unit(x, model_cfg, f"{name}_branch{b}_unit{u}")
+        ys.append(x)
+    return fuse(ys, channels, model_cfg.fuse_mode, name)
+
+
+def iterative_head(xs: List, name: str = "head") -> List:
+    """SPEC 8: coarse-to-fine refinement, bilinear (align_corners=True) up-sampling.
+
+    Returns the refined features at all resolutions, finest first.
+    """
+    rev = xs[::-1]
+    out, last = [], None
+    for p, s in enumerate(rev):
+        if last is not None:
+            up = BilinearResize(name=f"{name}_project{p}_resize")([last, s])
+            s = layers.Add(name=f"{name}_project{p}_add")([s, up])
+        c_in = s.shape[-1]
+        c_out = rev[p + 1].shape[-1] if p + 1 < len(rev) else c_in
+        s = conv_bn(s, c_in, 3, f"{name}_project{p}_dw", depthwise=True)
+        s = conv_bn(s, c_out, 1, f"{name}_project{p}_pw", relu=True)
+        out.append(s)
+        last = s
+    return out[::-1]
+
+
+def heatmap_head(x, num_joints: int, name: str = "final_layer"):
+    """SPEC 9: one 1x1 conv with bias to the joint heatmaps."""
+    return layers.Conv2D(num_joints, 1, use_bias=True, kernel_initializer=conv_initializer(),
+                         name=name)(x)

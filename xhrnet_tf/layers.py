@@ -1,0 +1,177 @@
+"""The few custom layers X-HRNet needs; everything else is composed from stock tf_keras layers.
+
+* `SUSA`: spatially unidimensional self-attention (SPEC 7), H-wise or W-wise.
+* `ChannelSplit`: splits the channel axis (tf_keras has no stock split layer, and a sliced
+  KerasTensor becomes a SlicingOpLambda that QAT cannot handle).
+* `BilinearResize`: bilinear resize with align_corners=True (SPEC 2.6), which UpSampling2D and
+  tf.image.resize cannot express.
+
+All graphs stay rank <= 4 and use no batched matmul, so TFLite GPU/NNAPI delegates accept them.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+import tf_keras
+
+_PACKAGE = "xhrnet_tf"
+
+
+def conv_initializer():
+    """Official init (SPEC 10): every conv weight ~ N(0, 0.001)."""
+    return tf_keras.initializers.RandomNormal(mean=0.0, stddev=0.001)
+
+
+@tf_keras.saving.register_keras_serializable(package=_PACKAGE)
+class SUSA(tf_keras.layers.Layer):
+    """Spatially unidimensional self-attention on an NHWC tensor.
+
+    direction='h' (HSUSA): a per-row learned weighting pools over H, a softmax over W picks
+    the columns each row attends to, and the result gates the feature row by row.
+    direction='w' (WSUSA) swaps the roles of H and W. `fusion='mul'` multiplies the feature
+    by the sigmoid gate (the official model); 'add' adds it (the paper's Table 5 ablation).
+    """
+
+    def __init__(self, direction: str = "h", max_length: int = 96, fusion: str = "mul",
+                 epsilon: float = 1e-5, **kwargs):
+        super().__init__(**kwargs)
+        if direction not in ("h", "w"):
+            raise ValueError(f"SUSA direction must be 'h' or 'w', got {direction!r}")
+        if fusion not in ("mul", "add"):
+            raise ValueError(f"SUSA fusion must be 'mul' or 'add', got {fusion!r}")
+        self.direction = direction
+        self.max_length = int(max_length)
+        self.fusion = fusion
+        self.epsilon = float(epsilon)
+        # Axis the learned weights pool over, and the axis the softmax runs along.
+        self._pool_axis, self._attend_axis = (1, 2) if direction == "h" else (2, 1)
+
+    def build(self, input_shape):
+        shape = tf.TensorShape(input_shape)
+        if shape.rank != 4 or shape[-1] is None:
+            raise ValueError(f"{self.name}: expects NHWC input with known channels, got {shape}")
+        length = shape[self._pool_axis]
+        if length is not None and length > self.max_length:
+            axis = "height" if self.direction == "h" else "width"
+            raise ValueError(
+                f"{self.name}: feature {axis} {length} exceeds the {self.max_length} learned "
+                f"group weights; the input image is too large for this model")
+        c = int(shape[-1])
+        init = conv_initializer()
+        self.group_weight = self.add_weight(
+            name="group_weight", shape=(self.max_length,), initializer="ones")
+        self.mean_kernel = self.add_weight(name="mean_kernel", shape=(c,), initializer=init)
+        self.mean_bias = self.add_weight(name="mean_bias", shape=(c,), initializer="zeros")
+        self.conv_kernel = self.add_weight(name="conv_kernel", shape=(1, 1, c, c),
+                                           initializer=init)
+        self.conv_bias = self.add_weight(name="conv_bias", shape=(c,), initializer="zeros")
+        self.ln_gamma = self.add_weight(name="ln_gamma", shape=(c,), initializer="ones")
+        self.ln_beta = self.add_weight(name="ln_beta", shape=(c,), initializer="zeros")
+        super().build(input_shape)
+
+    def _query(self, x):
+        """Weighted mean along the pool axis, then mean_conv (per-channel scale and bias).
+
+        Both are linear, so they fold into one depthwise conv whose kernel spans the pool
+        axis: a single DEPTHWISE_CONV_2D in TFLite instead of mul + mean + mul + add.
+        """
+        length = x.shape[self._pool_axis] or tf.shape(x)[self._pool_axis]
+        g = self.group_weight[:length]
+        scale = self.mean_kernel / tf.cast(length, self.mean_kernel.dtype)
+        if self.direction == "h":
+            kernel = g[:, None, None, None] * scale[None, None, :, None]  # (h, 1, c, 1)
+        else:
+            kernel = g[None, :, None, None] * scale[None, None, :, None]  # (1, w, c, 1)
+        q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
+        return q + self.mean_bias
+
+    def _layer_norm(self, u):
+        # Statistics in float32 even under mixed precision: the variance of c values is
+        # where float16 loses the gate.
+        u32 = tf.cast(u, tf.float32)
+        mean = tf.reduce_mean(u32, axis=-1, keepdims=True)
+        centred = u32 - mean
+        var = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
+        gamma = tf.cast(self.ln_gamma, tf.float32)
+        beta = tf.cast(self.ln_beta, tf.float32)
+        v = centred * tf.math.rsqrt(var + self.epsilon) * gamma + beta
+        return tf.cast(v, u.dtype)
+
+    def call(self, x):
+        q = self._query(x)  # (N,1,w,c) for 'h', (N,h,1,c) for 'w'
+        # Softmax along the attend axis, normalised after the weighted sum: sum(x*e)/sum(e)
+        # equals sum(x*softmax(q)) and divides a tensor smaller by a factor of the length.
+        e = tf.exp(q - tf.reduce_max(q, axis=self._attend_axis, keepdims=True))
+        num = tf.reduce_sum(x * e, axis=self._attend_axis, keepdims=True)
+        t = num / tf.reduce_sum(e, axis=self._attend_axis, keepdims=True)
+        u = tf.nn.conv2d(t, self.conv_kernel, strides=1, padding="VALID") + self.conv_bias
+        gate = tf.sigmoid(self._layer_norm(u))
+        return x * gate if self.fusion == "mul" else x + gate
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(direction=self.direction, max_length=self.max_length,
+                      fusion=self.fusion, epsilon=self.epsilon)
+        return config
+
+
+@tf_keras.saving.register_keras_serializable(package=_PACKAGE)
+class ChannelSplit(tf_keras.layers.Layer):
+    """Splits the last axis into pieces of the given sizes (tf.split -> TFLite SPLIT_V)."""
+
+    def __init__(self, sizes, **kwargs):
+        super().__init__(**kwargs)
+        self.sizes = [int(s) for s in sizes]
+
+    def build(self, input_shape):
+        c = tf.TensorShape(input_shape)[-1]
+        if c is not None and c != sum(self.sizes):
+            raise ValueError(f"{self.name}: {c} channels cannot split into {self.sizes}")
+        super().build(input_shape)
+
+    def call(self, x):
+        return tf.split(x, self.sizes, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        shape = tf.TensorShape(input_shape)
+        return [shape[:-1].concatenate([s]) for s in self.sizes]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(sizes=list(self.sizes))
+        return config
+
+
+@tf_keras.saving.register_keras_serializable(package=_PACKAGE)
+class BilinearResize(tf_keras.layers.Layer):
+    """Bilinear resize to the spatial size of a reference tensor, align_corners=True.
+
+    Called as `layer([x, reference])`; maps to TFLite RESIZE_BILINEAR(align_corners=True).
+    """
+
+    def __init__(self, align_corners: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.align_corners = bool(align_corners)
+
+    def call(self, inputs):
+        x, ref = inputs
+        size = ref.shape[1:3]
+        if size[0] is None or size[1] is None:
+            size = tf.shape(ref)[1:3]
+        out = tf.compat.v1.image.resize_bilinear(
+            x, size, align_corners=self.align_corners, half_pixel_centers=False)
+        return tf.cast(out, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        x_shape, ref_shape = (tf.TensorShape(s) for s in input_shape)
+        return tf.TensorShape([x_shape[0], ref_shape[1], ref_shape[2], x_shape[3]])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(align_corners=self.align_corners)
+        return config
+
+
+CUSTOM_OBJECTS = {"SUSA": SUSA, "ChannelSplit": ChannelSplit, "BilinearResize": BilinearResize}

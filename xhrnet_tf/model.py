@@ -1,0 +1,76 @@
+"""X-HRNet backbone and top-down pose model as Functional tf_keras models."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
+
+import tf_keras
+from tf_keras import layers
+
+from xhrnet_tf import blocks
+from xhrnet_tf.config import Config, ModelConfig, check_input_size
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One row of the architecture table."""
+    index: int
+    num_modules: int
+    num_blocks: int
+    channels: Tuple[int, ...]
+
+
+def stage_table(model_cfg: ModelConfig) -> List[StageSpec]:
+    """The architecture as a table: one row per stage (SPEC 1)."""
+    return [StageSpec(s, model_cfg.num_modules[s], model_cfg.num_blocks[s],
+                      tuple(model_cfg.num_channels[s])) for s in range(3)]
+
+
+def _model_cfg(config: Union[Config, ModelConfig]) -> ModelConfig:
+    return config.model if isinstance(config, Config) else config
+
+
+def _input(model_cfg: ModelConfig, input_size: Optional[Sequence[int]]):
+    size = tuple(input_size) if input_size is not None else tuple(model_cfg.input_size)
+    if len(size) != 2 or any((not isinstance(v, int)) or v <= 0 or v % 32 for v in size):
+        raise ValueError(f"input_size {size} must be two positive multiples of 32 (H, W)")
+    check_input_size(model_cfg, size, "input_size")
+    return layers.Input(shape=(size[0], size[1], 3), name="image")
+
+
+def backbone_features(image, model_cfg: ModelConfig) -> List:
+    """Stem, three stages and the IterativeHead; returns [h0, h1, h2, h3], finest first."""
+    x = blocks.stem(image, model_cfg.stem_channels)
+    xs, prev_channels = [x], [model_cfg.stem_channels]
+    for spec in stage_table(model_cfg):
+        xs = blocks.transition(xs, prev_channels, spec.channels, f"transition{spec.index}")
+        for k in range(spec.num_modules):
+            xs = blocks.lite_module(xs, model_cfg, spec.channels, spec.num_blocks,
+                                    f"stage{spec.index}_module{k}")
+        prev_channels = list(spec.channels)
+    return blocks.iterative_head(xs)
+
+
+def build_backbone(config: Union[Config, ModelConfig], input_size: Optional[Sequence[int]] = None,
+                   multiscale: bool = False, name: str = "xhrnet_backbone") -> tf_keras.Model:
+    """X-HRNet backbone: image (N,H,W,3) -> the 40-channel feature at H/4 x W/4.
+
+    With `multiscale=True` it returns all four IterativeHead outputs, finest first.
+    `input_size` (H, W) defaults to the config's; any multiple of 32 up to the size the
+    SUSA group weights cover (384x288 by default) works, larger raises ValueError.
+    """
+    model_cfg = _model_cfg(config)
+    image = _input(model_cfg, input_size)
+    feats = backbone_features(image, model_cfg)
+    return tf_keras.Model(image, feats if multiscale else feats[0], name=name)
+
+
+def build_pose_model(config: Union[Config, ModelConfig],
+                     input_size: Optional[Sequence[int]] = None,
+                     name: str = "xhrnet_pose") -> tf_keras.Model:
+    """Top-down pose model: normalised image (N,H,W,3) -> heatmaps (N,H/4,W/4,num_joints)."""
+    model_cfg = _model_cfg(config)
+    image = _input(model_cfg, input_size)
+    feats = backbone_features(image, model_cfg)
+    heatmaps = blocks.heatmap_head(feats[0], model_cfg.num_joints)
+    return tf_keras.Model(image, heatmaps, name=name)
