@@ -132,6 +132,35 @@ def _to_keras(kind: str, arrays: List[np.ndarray]) -> List[np.ndarray]:
             ln_w, ln_b]
 
 
+def _to_official(kind: str, values: List[np.ndarray], layer=None) -> List[np.ndarray]:
+    """Inverse of `_to_keras`; SUSA group weights get the official (1,1,L,1)/(1,1,1,L) shape."""
+    if kind == "conv":
+        return [values[0].transpose(3, 2, 0, 1)]
+    if kind == "dw":
+        return [values[0].transpose(2, 3, 0, 1)]
+    if kind == "convb":
+        return [values[0].transpose(3, 2, 0, 1), values[1]]
+    if kind == "bn":
+        return values
+    gw, mean_w, mean_b, conv_w, conv_b, ln_w, ln_b = values
+    c = mean_w.shape[0]
+    gw = gw.reshape((1, 1, -1, 1) if layer.direction == "h" else (1, 1, 1, -1))
+    return [gw, mean_w.reshape(c, 1, 1, 1), mean_b, conv_w.transpose(3, 2, 0, 1), conv_b,
+            ln_w, ln_b]
+
+
+def export_official_state_dict(model, config) -> Dict[str, np.ndarray]:
+    """The model's weights under the official key names and PyTorch layouts."""
+    m = config.model if isinstance(config, Config) else config
+    with_head = "final_layer" in {layer.name for layer in model.layers}
+    state = {}
+    for kind, name, key in official_entries(m, with_head=with_head):
+        layer = model.get_layer(name)
+        values = _to_official(kind, layer.get_weights(), layer)
+        state.update(zip(_keys_of(kind, key), values))
+    return state
+
+
 def read_checkpoint(path: str) -> Dict[str, np.ndarray]:
     """Official state_dict as numpy arrays, from `.npz` or an mmcv/PyTorch `.pth`."""
     if not os.path.isfile(path):

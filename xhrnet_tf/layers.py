@@ -56,13 +56,13 @@ class SUSA(tf_keras.layers.Layer):
                 f"{self.name}: feature {axis} {length} exceeds the {self.max_length} learned "
                 f"group weights; the input image is too large for this model")
         c = int(shape[-1])
-        init = conv_initializer()
         self.group_weight = self.add_weight(
             name="group_weight", shape=(self.max_length,), initializer="ones")
-        self.mean_kernel = self.add_weight(name="mean_kernel", shape=(c,), initializer=init)
+        self.mean_kernel = self.add_weight(name="mean_kernel", shape=(c,),
+                                           initializer=conv_initializer())
         self.mean_bias = self.add_weight(name="mean_bias", shape=(c,), initializer="zeros")
         self.conv_kernel = self.add_weight(name="conv_kernel", shape=(1, 1, c, c),
-                                           initializer=init)
+                                           initializer=conv_initializer())
         self.conv_bias = self.add_weight(name="conv_bias", shape=(c,), initializer="zeros")
         self.ln_gamma = self.add_weight(name="ln_gamma", shape=(c,), initializer="ones")
         self.ln_beta = self.add_weight(name="ln_beta", shape=(c,), initializer="zeros")

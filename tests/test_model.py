@@ -1,0 +1,205 @@
+"""The network: exact sizes, parity with the official outputs, variants and save/load."""
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+import xhrnet_tf
+from conftest import built_pose_model, shared_path
+from xhrnet_tf.config import ConfigError, ModelConfig
+from xhrnet_tf.convert import load_official_weights, read_checkpoint
+from xhrnet_tf.tools.complexity import complexity
+
+REF = ("refs", "sxhrnet_18_coco_256x192")
+
+
+@pytest.mark.parametrize("name,params,backbone", [
+    ("x18.yaml", 1_342_049, 1_341_352),
+    ("x30.yaml", 2_117_657, 2_116_960),
+    ("px30.yaml", 1_781_369, 1_780_672),
+])
+def test_parameter_counts_are_exact(name, params, backbone):
+    cfg, model = built_pose_model(name)
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == params
+    assert params - backbone == 17 * 40 + 17  # the 1x1 heatmap head
+
+
+@pytest.mark.parametrize("name,size,paper_flops,official_conv_macs", [
+    ("x18.yaml", None, 194.44, 233.93),
+    ("x30.yaml", None, 300.21, 371.09),
+    ("x18.yaml", (384, 288), 433.16, 521.95),
+    ("x30_384.yaml", None, 668.03, 827.41),
+])
+def test_paper_flops_and_macs(name, size, paper_flops, official_conv_macs):
+    cfg, model = built_pose_model(name, size)
+    res = complexity(model, cfg.model.fuse_mode)
+    assert res["paper_flops_M"] == pytest.approx(paper_flops, rel=1e-3)
+    assert res["official_graph_conv_macs"] / 1e6 == pytest.approx(official_conv_macs, rel=1e-4)
+
+
+# io.npz name -> Keras layer whose output it is (NCHW there, NHWC here).
+INTERMEDIATES = {
+    "stem": "stem_shuffle_unfold",
+    "stage0.in.1": "transition0_branch1_step0_pw_bn",
+    "unit.branch2.0": "stage0_module0_branch0_unit0_wsusa",
+    "unit.branch2.1": "stage0_module0_branch0_unit0_dw_bn",
+    "unit.branch2.2": "stage0_module0_branch0_unit0_hsusa",
+    "unit.out": "stage0_module0_branch0_unit0_shuffle_unfold",
+    "stage0.out.0": "stage0_module1_fuse0_relu",
+    "stage0.out.1": "stage0_module1_fuse1_relu",
+    "stage1.out.2": "stage1_module3_fuse2_relu",
+    "stage2.in.3": "transition2_branch3_step0_pw_bn",
+    "stage2.out.0": "stage2_module1_fuse0_relu",
+    "stage2.out.3": "stage2_module1_fuse3_relu",
+    "iterative_head.out.2": "head_project1_pw_relu",
+    "backbone.out": "head_project3_pw_relu",
+}
+
+
+def test_parity_with_official_reference():
+    state = read_checkpoint(shared_path(*REF, "state_dict.npz"))
+    io = np.load(shared_path(*REF, "io.npz"))
+    cfg, model = built_pose_model("x18.yaml")
+    load_official_weights(model, state, cfg)
+    probe = tf_keras.Model(model.input, [model.get_layer(n).output for n in INTERMEDIATES.values()]
+                           + [model.output])
+    outs = probe(np.transpose(io["input"], (0, 2, 3, 1)), training=False)
+    errors = {}
+    for key, out in zip(list(INTERMEDIATES) + ["heatmap_fp64"], outs):
+        ref = np.transpose(io[key], (0, 2, 3, 1)).astype(np.float64)
+        errors[key] = np.abs(out.numpy() - ref).max() / np.abs(ref).max()
+    bad = {k: v for k, v in errors.items() if not v <= 1e-5}
+    assert not bad, f"relative error above 1e-5 at {bad}"
+
+
+def _tiny(**kw):
+    """Small variants keep the variant tests fast while exercising every code path."""
+    base = dict(num_modules=(1, 1, 1), num_blocks=(1, 1, 1), input_size=(64, 64))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+VARIANTS = {
+    "sx": _tiny(),
+    "px": _tiny(unit="px"),
+    "naive": _tiny(unit="naive"),
+    "baseline": _tiny(unit="baseline"),
+    "order_hw": _tiny(susa_order="hw"),
+    "fusion_add": _tiny(fusion="add"),
+    "fuse_standard": _tiny(fuse_mode="standard"),
+}
+
+
+def _randomise(model, seed=1):
+    """Non-trivial weights (BN stats included) so a lost weight shows in the output."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        v = rng.normal(0.0, 0.3, size=w.shape)
+        if "moving_variance" in w.name or "gamma" in w.name:
+            v = np.abs(v) + 0.5
+        w.assign(v.astype(np.float32))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_keras_round_trip(variant, tmp_path):
+    model = xhrnet_tf.build_pose_model(VARIANTS[variant])
+    _randomise(model)
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    before = model(x, training=False).numpy()
+    assert before.shape == (2, 16, 16, 17) and np.isfinite(before).all()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    after = tf_keras.models.load_model(path)(x, training=False).numpy()
+    np.testing.assert_array_equal(before, after)
+
+
+def test_variants_differ():
+    """Each ablation knob changes the computation (same weights where shapes allow)."""
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    outs = {}
+    for name in ("sx", "order_hw", "fusion_add", "fuse_standard"):
+        model = xhrnet_tf.build_pose_model(VARIANTS[name])
+        _randomise(model, seed=3)
+        outs[name] = model(x, training=False).numpy()
+    for name in ("order_hw", "fusion_add", "fuse_standard"):
+        assert np.abs(outs[name] - outs["sx"]).max() > 1e-3, name
+
+
+def _save_load(model, x, fmt, tmp_path):
+    before = model(x, training=False).numpy()
+    if fmt == "h5":
+        path = str(tmp_path / "m.h5")
+        model.save(path)
+        out = tf_keras.models.load_model(path)(x, training=False).numpy()
+        np.testing.assert_array_equal(out, before)
+        return
+    path = str(tmp_path / "saved")
+    tf.saved_model.save(model, path)
+    fn = tf.saved_model.load(path).signatures["serving_default"]
+    out = list(fn(image=tf.constant(x)).values())[0].numpy()
+    # A SavedModel runs as an optimised graph, whose float summation order may differ from
+    # eager Keras: equal to rounding, not bit for bit.
+    assert np.abs(out - before).max() <= 1e-6 * np.abs(before).max()
+
+
+@pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
+def test_save_load_formats(fmt, tmp_path):
+    model = xhrnet_tf.build_pose_model(_tiny())
+    _randomise(model, seed=5)
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    _save_load(model, x, fmt, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
+def test_x18_save_load_formats(fmt, tmp_path):
+    _, model = built_pose_model("x18.yaml")
+    x = np.random.default_rng(0).normal(size=(1, 256, 192, 3)).astype(np.float32)
+    _save_load(model, x, fmt, tmp_path)
+
+
+def test_backbone_outputs():
+    cfg = _tiny()
+    feat = xhrnet_tf.build_backbone(cfg)
+    assert feat.output_shape == (None, 16, 16, 40)
+    multi = xhrnet_tf.build_backbone(cfg, multiscale=True)
+    # SPEC 8: the head projects each level down to the next finer level's channels.
+    assert [o[1:] for o in multi.output_shape] == [(16, 16, 40), (8, 8, 40), (4, 4, 80),
+                                                   (2, 2, 160)]
+
+
+def test_other_input_sizes_and_too_large():
+    cfg = _tiny()
+    model = xhrnet_tf.build_pose_model(cfg, input_size=(96, 64))
+    assert model.output_shape == (None, 24, 16, 17)
+    model = xhrnet_tf.build_pose_model(cfg, input_size=(384, 288))
+    assert model.output_shape == (None, 96, 72, 17)
+    with pytest.raises(ConfigError, match="input 416x288 is larger than this model supports"):
+        xhrnet_tf.build_pose_model(cfg, input_size=(416, 288))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        xhrnet_tf.build_pose_model(cfg, input_size=(100, 64))
+
+
+def test_layer_names_say_where_they_are():
+    names = {layer.name for layer in xhrnet_tf.build_pose_model(_tiny()).layers}
+    for expected in ("stem_conv1", "transition0_branch1_step0_dw",
+                     "stage1_module0_branch2_unit0_hsusa", "stage2_module0_fuse3_0_step2_pw",
+                     "head_project3_pw", "final_layer"):
+        assert expected in names
+    assert not any(n.startswith(("lambda", "tf.", "tf_op")) for n in names)
+
+
+def test_default_init_follows_official():
+    model = xhrnet_tf.build_pose_model(_tiny())
+    kernel = model.get_layer("stage0_module0_fuse0_1_pw").get_weights()[0]
+    assert 0.0005 < kernel.std() < 0.002
+    susa = model.get_layer("stage0_module0_branch0_unit0_hsusa").get_weights()
+    np.testing.assert_array_equal(susa[0], np.ones(96, np.float32))  # group_weight
+    bn = model.get_layer("stem_conv1_bn")
+    assert bn.epsilon == 1e-5 and bn.momentum == 0.9
+
+
+def test_model_config_is_hashable_dataclass():
+    assert dataclasses.is_dataclass(ModelConfig) and hash(_tiny()) == hash(_tiny())
