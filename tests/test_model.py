@@ -139,9 +139,9 @@ def _save_load(model, x, fmt, tmp_path):
     tf.saved_model.save(model, path)
     fn = tf.saved_model.load(path).signatures["serving_default"]
     out = list(fn(image=tf.constant(x)).values())[0].numpy()
-    # A SavedModel runs as an optimised graph, whose float summation order may differ from
-    # eager Keras: equal to rounding, not bit for bit.
-    assert np.abs(out - before).max() <= 1e-6 * np.abs(before).max()
+    # A SavedModel runs as an optimised graph whose float summation order differs from eager
+    # Keras: equal to float32 rounding (a lost or misplaced weight changes the output by O(1)).
+    assert np.abs(out - before).max() <= 1e-5 * np.abs(before).max()
 
 
 @pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
