@@ -7,7 +7,7 @@ import tensorflow as tf
 import tf_keras
 
 import xhrnet_tf
-from conftest import built_pose_model, shared_path
+from conftest import built_pose_model, config_path, shared_path
 from xhrnet_tf.config import ConfigError, ModelConfig
 from xhrnet_tf.convert import load_official_weights, read_checkpoint
 from xhrnet_tf.tools.complexity import complexity
@@ -203,3 +203,15 @@ def test_default_init_follows_official():
 
 def test_model_config_is_hashable_dataclass():
     assert dataclasses.is_dataclass(ModelConfig) and hash(_tiny()) == hash(_tiny())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["x30.yaml", "x18_384.yaml", "x30_384.yaml", "px30.yaml",
+                                  "wnl18.yaml"])
+def test_full_size_configs_round_trip(name, tmp_path):
+    cfg = xhrnet_tf.load_config(config_path(name))
+    model = xhrnet_tf.build_pose_model(cfg)
+    _randomise(model, seed=7)
+    h, w = cfg.model.input_size
+    x = np.random.default_rng(0).normal(size=(1, h, w, 3)).astype(np.float32)
+    _save_load(model, x, "h5", tmp_path)
