@@ -1,0 +1,1 @@
+"""COCO keypoints -> TFRecord person crops -> tf.data pipelines, and synthetic data."""

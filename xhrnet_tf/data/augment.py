@@ -1,0 +1,131 @@
+"""In-graph top-down transforms (SPEC 13), the parser half of the pipeline.
+
+Random flip, half-body, scale and rotation only change the affine transform from crop to
+network input, so the image is resampled once, by one bilinear warp (ImageProjectiveTransformV3,
+the same sampling as cv2.warpAffine). Randomness is stateless and keyed by (seed, sample index),
+so a sample is augmented the same way whatever the parallelism.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import tensorflow as tf
+
+from xhrnet_tf import codec
+
+UPPER_BODY = tuple(range(11))  # mmpose's upper_body_ids for COCO
+
+
+def affine_matrix_tf(center, scale, rotation_deg, output_size: Sequence[int]):
+    """TF twin of codec.affine_transform_matrix: 3x3 crop -> input map (float32)."""
+    out_w, out_h = float(output_size[0]), float(output_size[1])
+    s = out_w / (scale[0] * codec.PIXEL_STD)
+    theta = rotation_deg * (math.pi / 180.0)
+    cs, sn = tf.cos(theta) * s, tf.sin(theta) * s
+    tx = out_w * 0.5 - (cs * center[0] + sn * center[1])
+    ty = out_h * 0.5 - (-sn * center[0] + cs * center[1])
+    return tf.stack([tf.stack([cs, sn, tx]), tf.stack([-sn, cs, ty]),
+                     tf.constant([0.0, 0.0, 1.0])])
+
+
+def warp(image, matrix, output_size: Sequence[int]):
+    """Bilinear warp of an HWC image by a 3x3 forward matrix; outside pixels are 0."""
+    inv = tf.linalg.inv(matrix)
+    transform = tf.reshape(inv, [9])[None, :8]  # output pixel -> input pixel
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=transform,
+        output_shape=tf.constant([output_size[1], output_size[0]], tf.int32),
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+
+def _half_body_box(joints, visible, seed, aspect_ratio: float):
+    """mmpose TopDownHalfBodyTransform: box of the upper or lower visible joints, x1.5.
+    Returns (ok, center, scale); ok is False when fewer than two joints are selected."""
+    vis = visible > 0
+    is_upper = tf.constant([j in UPPER_BODY for j in range(17)])
+    n_upper = tf.reduce_sum(tf.cast(vis & is_upper, tf.int32))
+    n_lower = tf.reduce_sum(tf.cast(vis & ~is_upper, tf.int32))
+    # mmpose draws randn() < 0.5 (p ~ 0.69), not a fair coin; kept for fidelity.
+    pick_upper = (tf.random.stateless_normal([], seed) < 0.5) & (n_upper > 2)
+    pick_upper = pick_upper | (n_lower <= 2)
+    sel = vis & tf.where(pick_upper, is_upper, ~is_upper)
+    count = tf.reduce_sum(tf.cast(sel, tf.float32))
+    pts = tf.boolean_mask(joints, sel)
+    center = tf.reduce_sum(pts, axis=0) / tf.maximum(count, 1.0)
+    lt = tf.reduce_min(tf.concat([pts, [[1e9, 1e9]]], 0), axis=0)
+    rb = tf.reduce_max(tf.concat([pts, [[-1e9, -1e9]]], 0), axis=0)
+    w, h = rb[0] - lt[0], rb[1] - lt[1]
+    w2 = tf.where(w > aspect_ratio * h, w, h * aspect_ratio)
+    h2 = tf.where(w > aspect_ratio * h, w / aspect_ratio, h)
+    scale = tf.stack([w2, h2]) / codec.PIXEL_STD * 1.5
+    return count >= 2, center, scale
+
+
+def train_transform(ex, index, data_cfg, image_size, heatmap_size, seed: int):
+    """Decoded example -> (normalised image, {heatmaps, target_weights})."""
+    seeds = tf.random.experimental.stateless_split(
+        tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)]), 6)
+    image = tf.io.decode_jpeg(ex["jpeg"], channels=3, dct_method="INTEGER_ACCURATE")
+    crop_w = tf.cast(tf.shape(image)[1], tf.float32)
+    joints, visible = ex["joints"], ex["visible"]
+    center, scale = ex["crop_center"], ex["crop_scale"]
+
+    flip = tf.random.stateless_uniform([], seeds[0]) < data_cfg.flip_prob
+    perm = codec.flip_permutation()
+    mirror = tf.constant([[-1.0, 0.0], [0.0, 1.0]])
+    joints = tf.where(flip, tf.gather(joints, perm) @ mirror + [crop_w - 1.0, 0.0], joints)
+    visible = tf.where(flip, tf.gather(visible, perm), visible)
+    center = tf.where(flip, tf.stack([crop_w - 1.0 - center[0], center[1]]), center)
+
+    aspect = image_size[0] / image_size[1]
+    num_vis = tf.reduce_sum(tf.cast(visible > 0, tf.int32))
+    try_half = ((num_vis > data_cfg.half_body_min_joints) &
+                (tf.random.stateless_uniform([], seeds[1]) < data_cfg.half_body_prob))
+    ok, hb_center, hb_scale = _half_body_box(joints, visible, seeds[2], aspect)
+    use_half = try_half & ok
+    center = tf.where(use_half, hb_center, center)
+    scale = tf.where(use_half, hb_scale, scale)
+
+    sf, rf = data_cfg.scale_factor, data_cfg.rotation_factor
+    scale = scale * tf.clip_by_value(1.0 + sf * tf.random.stateless_normal([], seeds[3]),
+                                     1.0 - sf, 1.0 + sf)
+    rot = tf.clip_by_value(rf * tf.random.stateless_normal([], seeds[4]), -2 * rf, 2 * rf)
+    rot = tf.where(tf.random.stateless_uniform([], seeds[5]) < data_cfg.rotation_prob, rot, 0.0)
+
+    matrix = affine_matrix_tf(center, scale, rot, image_size)
+    flip_m = tf.stack([tf.stack([tf.where(flip, -1.0, 1.0), 0.0,
+                                 tf.where(flip, crop_w - 1.0, 0.0)]),
+                       tf.constant([0.0, 1.0, 0.0]), tf.constant([0.0, 0.0, 1.0])])
+    out = warp(tf.cast(image, tf.float32), matrix @ flip_m, image_size)
+    joints = joints @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
+    return normalize(out), targets(joints, visible, image_size, heatmap_size,
+                                   data_cfg.heatmap_sigma)
+
+
+def targets(joints, visible, image_size, heatmap_size, sigma):
+    """Keypoints outside the network input lose their target (weight 0)."""
+    inside = ((joints[:, 0] >= 0) & (joints[:, 0] <= image_size[0] - 1) &
+              (joints[:, 1] >= 0) & (joints[:, 1] <= image_size[1] - 1))
+    visible = tf.where(inside, visible, tf.zeros_like(visible))
+    heatmaps, weights = codec.gaussian_heatmaps_tf(joints, visible, heatmap_size, image_size,
+                                                   sigma)
+    return {"heatmaps": heatmaps, "target_weights": weights}
+
+
+def eval_transform(ex, data_cfg, image_size, heatmap_size):
+    """Decoded example -> (normalised image, metadata for mapping back and scoring)."""
+    image = tf.io.decode_jpeg(ex["jpeg"], channels=3, dct_method="INTEGER_ACCURATE")
+    matrix = affine_matrix_tf(ex["crop_center"], ex["crop_scale"], 0.0, image_size)
+    out = warp(tf.cast(image, tf.float32), matrix, image_size)
+    joints = ex["joints"] @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
+    meta = {k: ex[k] for k in ("center", "scale", "bbox", "area", "score", "image_id", "ann_id")}
+    meta.update(targets(joints, ex["visible"], image_size, heatmap_size, data_cfg.heatmap_sigma))
+    return normalize(out), meta
+
+
+def normalize(image):
+    """RGB in [0, 255] -> ImageNet-normalised float32."""
+    mean = tf.constant(codec.IMAGENET_MEAN) * 255.0
+    std = tf.constant(codec.IMAGENET_STD) * 255.0
+    return (image - mean) / std
