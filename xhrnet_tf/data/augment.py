@@ -104,9 +104,15 @@ def train_transform(ex, index, data_cfg, image_size, heatmap_size, seed: int):
 
 
 def targets(joints, visible, image_size, heatmap_size, sigma):
-    """Keypoints outside the network input lose their target (weight 0)."""
-    inside = ((joints[:, 0] >= 0) & (joints[:, 0] <= image_size[0] - 1) &
-              (joints[:, 1] >= 0) & (joints[:, 1] <= image_size[1] - 1))
+    """Heatmap targets; a keypoint outside the crop loses its target (weight 0).
+
+    "Outside" is judged where the target's peak would sit, on the heatmap grid: a joint half a
+    stride beyond the border still has a decodable peak on the edge pixel and keeps it.
+    """
+    stride = tf.constant([image_size[0] / heatmap_size[0], image_size[1] / heatmap_size[1]])
+    mu = tf.floor(joints / stride + 0.5)
+    inside = ((mu[:, 0] >= 0) & (mu[:, 0] < heatmap_size[0]) &
+              (mu[:, 1] >= 0) & (mu[:, 1] < heatmap_size[1]))
     visible = tf.where(inside, visible, tf.zeros_like(visible))
     heatmaps, weights = codec.gaussian_heatmaps_tf(joints, visible, heatmap_size, image_size,
                                                    sigma)
