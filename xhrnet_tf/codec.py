@@ -110,11 +110,14 @@ def gaussian_heatmaps_tf(joints, visible, heatmap_size: Sequence[int],
     outside = ((mu[:, 0] - radius >= w) | (mu[:, 1] - radius >= h) |
                (mu[:, 0] + radius + 1 < 0) | (mu[:, 1] + radius + 1 < 0))
     weight = tf.where(outside, 0.0, weight)
-    xs = tf.range(w, dtype=tf.float32)[None, :, None] - mu[None, None, :, 0]
-    ys = tf.range(h, dtype=tf.float32)[:, None, None] - mu[None, None, :, 1]
-    window = tf.cast((tf.abs(xs) <= radius) & (tf.abs(ys) <= radius), tf.float32)
-    g = tf.exp(-(xs ** 2 + ys ** 2) / (2.0 * sigma ** 2)) * window
-    return g * tf.cast(weight > 0, tf.float32)[None, None, :], weight
+    # The Gaussian and its square window are separable: two 1-D profiles and one product
+    # instead of an exp over the whole (H, W, K) map.
+    xs = tf.range(w, dtype=tf.float32)[:, None] - mu[None, :, 0]  # (W, K)
+    ys = tf.range(h, dtype=tf.float32)[:, None] - mu[None, :, 1]  # (H, K)
+    gx = tf.exp(-xs ** 2 / (2.0 * sigma ** 2)) * tf.cast(tf.abs(xs) <= radius, tf.float32)
+    gy = tf.exp(-ys ** 2 / (2.0 * sigma ** 2)) * tf.cast(tf.abs(ys) <= radius, tf.float32)
+    gx = gx * tf.cast(weight > 0, tf.float32)[None, :]
+    return gy[:, None, :] * gx[None, :, :], weight
 
 
 def argmax_preds(heatmaps: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
