@@ -30,8 +30,10 @@ import numpy as np
 from xhrnet_tf import codec
 
 MODES = ("train", "val_gt", "val_det")
-# Crops are stored large enough for 384x288 inputs zoomed in by the largest augmentation.
-DEFAULT_MAX_SIDE = 800
+# Crops keep the pixel density a 256x192 input needs at the strongest zoom-in (scale 0.75);
+# more would only cost decode time. Pass --input_size 384 288 for the 384x288 models.
+DEFAULT_INPUT_SIZE = (256, 192)  # (height, width)
+MAX_ZOOM = 1 / 0.75
 
 
 class ConversionError(ValueError):
@@ -106,8 +108,11 @@ def read_image(path: str) -> Tuple[Optional[np.ndarray], str]:
     return img, ""
 
 
-def crop_instance(img: np.ndarray, inst: dict, max_side: int, image_id: int) -> bytes:
-    """Crops the area any augmentation can sample (scale x1.25, any rotation), serialises it."""
+def crop_instance(img: np.ndarray, inst: dict, input_width: int, image_id: int) -> bytes:
+    """Crops the area any augmentation can sample (scale x1.25, any rotation), serialises it.
+
+    The crop is shrunk when the person is larger than the input can resolve at MAX_ZOOM.
+    """
     from xhrnet_tf.data.tfexample import serialize_instance  # pylint: disable=import-outside-toplevel
     center, scale = codec.box_to_center_scale(inst["bbox"])
     half = 0.5 * math.hypot(*(scale * codec.PIXEL_STD * 1.25)) + 2.0
@@ -119,9 +124,10 @@ def crop_instance(img: np.ndarray, inst: dict, max_side: int, image_id: int) -> 
     if sx1 > sx0 and sy1 > sy0:
         crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = img[sy0:sy1, sx0:sx1]
     factor = 1.0
-    if side > max_side:
-        crop = cv2.resize(crop, (max_side, max_side), interpolation=cv2.INTER_AREA)
-        factor = max_side / side
+    target = int(math.ceil(side * input_width * MAX_ZOOM / (scale[0] * codec.PIXEL_STD)))
+    if target < side:
+        crop = cv2.resize(crop, (target, target), interpolation=cv2.INTER_AREA)
+        factor = target / side
     ok, jpeg = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -135,7 +141,7 @@ def crop_instance(img: np.ndarray, inst: dict, max_side: int, image_id: int) -> 
 
 
 def _process_image(job) -> Tuple[List[bytes], collections.Counter]:
-    path, image_id, instances, max_side = job
+    path, image_id, instances, input_width = job
     skipped: collections.Counter = collections.Counter()
     img, reason = read_image(path)
     if img is None:
@@ -144,7 +150,7 @@ def _process_image(job) -> Tuple[List[bytes], collections.Counter]:
     records = []
     for inst in instances:
         try:
-            records.append(crop_instance(img, inst, max_side, image_id))
+            records.append(crop_instance(img, inst, input_width, image_id))
         except (RuntimeError, ValueError, cv2.error):
             skipped["encode_failed"] += 1
     return records, skipped
@@ -197,7 +203,7 @@ def _load_inputs(annotations: str, images: str, mode: str, detections: Optional[
 def create_tfrecords(annotations: str, images: str, output: str, shards: int = 1,
                      mode: str = "train", detections: Optional[str] = None,
                      det_score_threshold: float = 0.0, overwrite: bool = False,
-                     workers: int = 0, max_side: int = DEFAULT_MAX_SIDE,
+                     workers: int = 0, input_size=DEFAULT_INPUT_SIZE,
                      log=sys.stderr) -> dict:
     """Writes the shards and returns a summary: {'written': n, 'skipped': {reason: n}}."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -208,7 +214,7 @@ def create_tfrecords(annotations: str, images: str, output: str, shards: int = 1
     skipped: collections.Counter = collections.Counter()
     by_image = _instances(coco, mode, dets, det_score_threshold, skipped)
     names = {img["id"]: img["file_name"] for img in coco.get("images", [])}
-    jobs = [(os.path.join(images, names[i]), i, insts, max_side)
+    jobs = [(os.path.join(images, names[i]), i, insts, int(input_size[1]))
             for i, insts in sorted(by_image.items())]
     final = shard_names(output, shards)
     writers = [tf.io.TFRecordWriter(p + ".tmp") for p in final]
@@ -248,13 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--det_score_threshold", type=float, default=0.0)
     p.add_argument("--overwrite", action="store_true", help="replace existing shards")
     p.add_argument("--workers", type=int, default=0, help="processes (default: cores)")
-    p.add_argument("--max_side", type=int, default=DEFAULT_MAX_SIDE,
-                   help="largest stored crop side in pixels")
+    p.add_argument("--input_size", type=int, nargs=2, default=DEFAULT_INPUT_SIZE,
+                   metavar=("H", "W"), help="largest model input the crops must serve")
     args = p.parse_args(argv)
     try:
         create_tfrecords(args.annotations, args.images, args.output, args.shards, args.mode,
                          args.detections, args.det_score_threshold, args.overwrite,
-                         args.workers, args.max_side)
+                         args.workers, tuple(args.input_size))
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
