@@ -21,6 +21,7 @@ setup(
         "opencv-python-headless>=4.9,<5",
         "absl-py>=1.2,<2",
         "PyYAML>=6.0,<7",
+        "tensorboard>=2.20,<3",
     ],
     extras_require={
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],

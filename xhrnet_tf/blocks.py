@@ -11,7 +11,8 @@ from typing import List, Sequence
 import tf_keras
 from tf_keras import layers
 
-from xhrnet_tf.layers import SUSA, BilinearResize, ChannelSplit, conv_initializer
+from xhrnet_tf.layers import (SUSA, BilinearResize, ChannelSplit, NearestUpsample,
+                              conv_initializer)
 
 # PyTorch BatchNorm defaults in Keras terms (SPEC 2.2): eps 1e-5, running = 0.9 * running + ...
 BN_EPSILON = 1e-5
@@ -147,7 +148,7 @@ def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str):
     if j > i:
         x = conv_bn(x, channels[i], 1, f"{name}_pw")
         factor = 2 ** (j - i)
-        return layers.UpSampling2D(factor, interpolation="nearest", name=f"{name}_up")(x)
+        return NearestUpsample(factor, name=f"{name}_up")(x)
     steps = i - j
     for t in range(steps):
         last = t == steps - 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Literal, Tuple
 
 import yaml
 
@@ -50,6 +50,10 @@ class DataConfig:
     rotation_factor: float = 30.0
     rotation_prob: float = 0.6
     shuffle_buffer: int = 2048
+    # > 0: generate a synthetic data set of this many images into synthetic_dir (and its
+    # TFRecords) when train_tfrecords matches nothing. Used by the quickstart.
+    synthetic_images: int = 0
+    synthetic_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,10 @@ class TrainConfig:
     checkpoint_every_steps: int = 1000
     eval_every_epochs: int = 10
     seed: int = 0
+    max_steps: int = 0  # > 0 stops after this many steps (smoke tests), else epochs
+    log_every_steps: int = 50
+    deterministic: bool = False  # reproducible input order and augmentation (slower)
+    export_tflite: bool = False  # write model_dir/model_fp32.tflite when training ends
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,7 +76,7 @@ class SUSA(tf_keras.layers.Layer):
         """
         length = x.shape[self._pool_axis] or tf.shape(x)[self._pool_axis]
         g = self.group_weight[:length]
-        scale = self.mean_kernel / tf.cast(length, self.mean_kernel.dtype)
+        scale = self.mean_kernel / tf.cast(length, x.dtype)
         if self.direction == "h":
             kernel = g[:, None, None, None] * scale[None, None, :, None]  # (h, 1, c, 1)
         else:
@@ -175,3 +175,47 @@ class BilinearResize(tf_keras.layers.Layer):
 
 
 CUSTOM_OBJECTS = {"SUSA": SUSA, "ChannelSplit": ChannelSplit, "BilinearResize": BilinearResize}
+
+
+@tf_keras.saving.register_keras_serializable(package=_PACKAGE)
+class NearestUpsample(tf_keras.layers.Layer):
+    """Nearest-neighbour up-sampling by an integer factor (pixel replication).
+
+    Same forward op as UpSampling2D (TFLite RESIZE_NEAREST_NEIGHBOR), but with its gradient
+    written as a sum-pool, because XLA has no kernel for ResizeNearestNeighborGrad and the
+    fuse layers would otherwise keep jit_compile training from compiling.
+    """
+
+    def __init__(self, factor: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+
+    def call(self, x):
+        k = self.factor
+
+        @tf.custom_gradient
+        def upsample(t):
+            size = tf.shape(t)[1:3] * k if t.shape[1] is None else (t.shape[1] * k,
+                                                                     t.shape[2] * k)
+            out = tf.image.resize(t, size, method="nearest")
+
+            def grad(g):
+                pooled = tf.nn.avg_pool2d(g, k, k, "VALID")
+                return pooled * tf.cast(k * k, g.dtype)
+
+            return out, grad
+
+        return upsample(x)
+
+    def compute_output_shape(self, input_shape):
+        s = tf.TensorShape(input_shape)
+        mul = lambda v: None if v is None else v * self.factor  # noqa: E731
+        return tf.TensorShape([s[0], mul(s[1]), mul(s[2]), s[3]])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(factor=self.factor)
+        return config
+
+
+CUSTOM_OBJECTS["NearestUpsample"] = NearestUpsample

@@ -175,7 +175,7 @@ def _prepare_output(prefix: str, shards: int, overwrite: bool) -> None:
     if existing and not overwrite:
         raise ConversionError(f"{prefix}: {len(existing)} shard(s) already exist (e.g. "
                               f"{existing[0]}); pass --overwrite to replace them")
-    for path in existing:
+    for path in existing + glob.glob(f"{glob.escape(prefix)}.json"):
         os.remove(path)
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
 
@@ -233,7 +233,12 @@ def create_tfrecords(annotations: str, images: str, output: str, shards: int = 1
     for w, path in zip(writers, final):
         w.close()
         os.replace(path + ".tmp", path)
-    summary = {"written": written, "skipped": dict(sorted(skipped.items())), "shards": final}
+    summary = {"written": written, "skipped": dict(sorted(skipped.items())), "shards": final,
+               "counts": [written // shards + (i < written % shards) for i in range(shards)],
+               "mode": mode}
+    # Readers take the epoch length from here instead of scanning every record.
+    with open(f"{output}.json", "w", encoding="utf-8") as f:
+        json.dump(dict(summary, shards=[os.path.basename(p) for p in final]), f, indent=1)
     if log:
         reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()) or "none"
         print(f"wrote {written} instances to {shards} shard(s) {output}-*; "

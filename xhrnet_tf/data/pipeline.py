@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from typing import Iterable, Iterator, List, Optional
 
 import tensorflow as tf
@@ -32,12 +35,15 @@ def list_files(pattern: str, key: str) -> List[str]:
 def build_dataset(config: Config, training: bool,
                   input_context: Optional[tf.distribute.InputContext] = None,
                   files: Optional[List[str]] = None, batch_size: Optional[int] = None,
-                  deterministic: bool = False, repeat: Optional[bool] = None) -> tf.data.Dataset:
+                  deterministic: bool = False, repeat: Optional[bool] = None,
+                  skip: int = 0) -> tf.data.Dataset:
     """Batched dataset of (image, {heatmaps, target_weights}) for training, or
     (image, metadata incl. targets) for evaluation.
 
     `batch_size` defaults to the config's global batch; under tf.distribute the per-replica
     share is taken from `input_context`, and shards are split between input pipelines.
+    `skip` drops that many training samples of this pipeline before decoding: with a
+    deterministic pipeline, a resumed run sees exactly the samples it would have seen.
     """
     key = "data.train_tfrecords" if training else "data.val_tfrecords"
     if files is None:
@@ -66,7 +72,7 @@ def build_dataset(config: Config, training: bool,
     if training:
         fn = functools.partial(augment.train_transform, data_cfg=config.data,
                                image_size=image_size, heatmap_size=heatmap_size, seed=seed)
-        ds = ds.enumerate().map(lambda i, rec: fn(tfexample.decode(rec), i),
+        ds = ds.enumerate().skip(skip).map(lambda i, rec: fn(tfexample.decode(rec), i),
                                 num_parallel_calls=tf.data.AUTOTUNE,
                                 deterministic=deterministic)
     else:
@@ -81,6 +87,31 @@ def build_dataset(config: Config, training: bool,
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def count_records(files: List[str]) -> int:
+    """Number of records in `files`, from the writer's summary JSON where there is one."""
+    total, unknown = 0, []
+    summaries = {}
+    for path in files:
+        m = re.match(r"(.*)-\d{5}-of-\d{5}\.tfrecord$", path)
+        summary = None
+        if m:
+            if m.group(1) not in summaries:
+                try:
+                    with open(m.group(1) + ".json", encoding="utf-8") as f:
+                        summaries[m.group(1)] = json.load(f)
+                except (OSError, ValueError):
+                    summaries[m.group(1)] = None
+            summary = summaries[m.group(1)]
+        name = os.path.basename(path)
+        if summary and name in summary.get("shards", []):
+            total += summary["counts"][summary["shards"].index(name)]
+        else:
+            unknown.append(path)
+    for path in unknown:
+        total += sum(1 for _ in tf.data.TFRecordDataset(path))
+    return total
 
 
 def find_corrupt_file(files: Iterable[str]) -> Optional[str]:

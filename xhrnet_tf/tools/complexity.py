@@ -21,7 +21,7 @@ import numpy as np
 import tf_keras
 
 from xhrnet_tf.config import ConfigError, load_config
-from xhrnet_tf.layers import SUSA
+from xhrnet_tf.layers import SUSA, NearestUpsample
 from xhrnet_tf.model import build_pose_model
 
 _FUSE_RELU = re.compile(r"_fuse(\d+)_relu$")
@@ -60,7 +60,7 @@ def _layer_counts(layer) -> Dict[str, int]:
         out["bn"] = 2 * _numel(layer.input_shape)
     elif isinstance(layer, tf_keras.layers.ReLU):
         out["relu"] = _numel(layer.input_shape)
-    elif isinstance(layer, tf_keras.layers.UpSampling2D):
+    elif isinstance(layer, NearestUpsample):
         out["upsample"] = int(np.prod(layer.output_shape[1:3]))  # torchstat drops channels
     return out
 

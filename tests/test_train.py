@@ -1,0 +1,244 @@
+"""Training: recipe pieces, distribution, resume after kill -9, bad input, quickstart."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+import yaml
+
+from conftest import REPO
+from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
+from xhrnet_tf.layers import NearestUpsample
+from xhrnet_tf.train import WarmupStepDecay, joints_mse
+
+TINY_MODEL = {"num_modules": [1, 1, 1], "num_blocks": [1, 1, 1], "input_size": [64, 64]}
+
+
+def test_warmup_and_step_schedule():
+    s = WarmupStepDecay(2e-3, 500, 0.001, [1000, 1200])
+    approx = lambda v: pytest.approx(v, rel=1e-5)  # noqa: E731  (float32 schedule)
+    assert float(s(0)) == approx(2e-6)
+    assert float(s(250)) == approx(2e-3 * (1 - 0.5 * 0.999))
+    assert float(s(500)) == approx(2e-3)
+    assert float(s(999)) == approx(2e-3)
+    assert float(s(1000)) == approx(2e-4)
+    assert float(s(1200)) == approx(2e-5)
+
+
+def test_joints_mse_matches_definition():
+    rng = np.random.default_rng(0)
+    pred, gt = rng.random((2, 4, 3, 17)), rng.random((2, 4, 3, 17))
+    w = rng.integers(0, 2, (2, 17)).astype(np.float64)
+    ref = np.mean([np.mean(((pred[..., k] - gt[..., k]) * w[:, None, None, k]) ** 2)
+                   for k in range(17)])
+    assert float(tf.reduce_mean(joints_mse(pred, gt, w))) == pytest.approx(ref)
+
+
+def test_nearest_upsample_matches_upsampling2d_and_its_gradient():
+    x = tf.constant(np.random.default_rng(1).normal(size=(2, 3, 5, 4)), tf.float32)
+    ours, stock = NearestUpsample(4), tf_keras.layers.UpSampling2D(4)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        a, b = ours(x), stock(x)
+        la, lb = tf.reduce_sum(a * a * 0.3), tf.reduce_sum(b * b * 0.3)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(tape.gradient(la, x).numpy(), tape.gradient(lb, x).numpy(),
+                               rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Synthetic images as TFRecords, and a tiny-model config file reading them."""
+    from xhrnet_tf.data import synthetic
+    from xhrnet_tf.data.create_tfrecords import create_tfrecords
+    root = tmp_path_factory.mktemp("tiny")
+    anns = synthetic.generate(str(root / "syn"), images=12, seed=3)
+    for split, mode in (("train", "train"), ("val", "val_gt")):
+        create_tfrecords(anns[split], str(root / "syn" / "images" / split),
+                         str(root / "tfr" / split), shards=2, mode=mode, workers=1,
+                         input_size=(64, 64), log=None)
+    raw = config_to_dict(Config())
+    raw["model"].update(TINY_MODEL)
+    raw["data"].update(train_tfrecords=str(root / "tfr" / "train-*.tfrecord"),
+                       val_tfrecords=str(root / "tfr" / "val-*.tfrecord"),
+                       val_annotations=anns["val"], shuffle_buffer=16, heatmap_sigma=1.0)
+    raw["train"].update(global_batch_size=4, max_steps=40, checkpoint_every_steps=5,
+                        deterministic=True, log_every_steps=5, warmup_steps=5)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), raw
+
+
+def _run(config, model_dir, *extra, env=None, wait=True):
+    cmd = [sys.executable, os.path.join(REPO, "train_main.py"), f"--config={config}",
+           f"--model_dir={model_dir}", "--mode=train", *extra]
+    env = dict(os.environ, **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _final_weights(model_dir, raw):
+    import xhrnet_tf
+    model = xhrnet_tf.build_pose_model(config_from_dict(raw))
+    model.load_weights(os.path.join(model_dir, "final.weights.h5"))
+    return model.get_weights()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_data, tmp_path):
+    config, raw = tiny_data
+    ref = _run(config, tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = _run(config, tmp_path / "killed", wait=False)
+    index = tmp_path / "killed" / "ckpt" / "checkpoint"
+    deadline = time.time() + 600
+    while not index.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "final.weights.h5").exists()
+    again = _run(config, tmp_path / "killed")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout
+    assert tf.train.latest_checkpoint(str(tmp_path / "killed" / "ckpt")).endswith("ckpt-40")
+    for a, b in zip(_final_weights(tmp_path / "ref", raw),
+                    _final_weights(tmp_path / "killed", raw)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mirrored_strategy_on_two_cpu_devices(tiny_data, tmp_path):
+    config, _ = tiny_data
+    script = f"""
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import xhrnet_tf
+from xhrnet_tf.config import replace
+from xhrnet_tf.train import make_strategy, train
+cfg = replace(xhrnet_tf.load_config({config!r}), {{"train.max_steps": 2}})
+assert make_strategy().num_replicas_in_sync == 2
+out = train(cfg, {str(tmp_path / 'm')!r}, mode="train")
+print("STEPS", out["steps"])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 replica(s)" in res.stdout and "STEPS 2" in res.stdout
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_mirrored_on_loopback(tiny_data, tmp_path):
+    config, _ = tiny_data
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    script = """
+import json, sys, numpy as np
+import xhrnet_tf
+from xhrnet_tf.config import replace
+from xhrnet_tf.train import train
+cfg = replace(xhrnet_tf.load_config(sys.argv[1]), {"train.max_steps": 2})
+out = train(cfg, sys.argv[2], mode="train")
+w = out["model"].get_weights()
+np.savez(sys.argv[3], *w)
+"""
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", script, config, str(tmp_path / "mw"),
+             str(tmp_path / f"w{i}.npz")], env=env, cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 replica(s)" in outs[0][0]
+    a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    assert len(a.files) > 100
+    for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not any(n.startswith("worker_tmp") for n in os.listdir(tmp_path / "mw"))
+
+
+def test_bad_starts_fail_with_one_line_and_keep_checkpoints(tiny_data, tmp_path):
+    config, raw = tiny_data
+    res = _run(config, tmp_path / "a", "--override=train.epochz=3")
+    assert res.returncode != 0 and "unknown key 'train.epochz'" in res.stderr
+    res = _run(config, tmp_path / "a", "--override=data.train_tfrecords=/nope/x-*.tfrecord")
+    assert "data.train_tfrecords: no TFRecord files match '/nope/x-*.tfrecord'" in res.stderr
+    empty = tmp_path / "empty-00000-of-00001.tfrecord"
+    tf.io.TFRecordWriter(str(empty)).close()
+    res = _run(config, tmp_path / "a", f"--override=data.train_tfrecords={empty}")
+    assert "hold no samples" in res.stderr
+    ok = _run(config, tmp_path / "b", "--override=train.max_steps=5")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = sorted(os.listdir(tmp_path / "b" / "ckpt"))
+    other = dict(raw, model=dict(raw["model"], num_blocks=[2, 1, 1]))
+    other_cfg = tmp_path / "other.yaml"
+    other_cfg.write_text(yaml.safe_dump(other))
+    res = _run(str(other_cfg), tmp_path / "b", "--override=train.max_steps=10")
+    assert res.returncode != 0 and "different model (model.num_blocks)" in res.stderr
+    assert sorted(os.listdir(tmp_path / "b" / "ckpt")) == before
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
+    config, _ = tiny_data
+    ok = _run(config, tmp_path / "n", "--override=train.max_steps=5")
+    assert ok.returncode == 0
+    res = _run(config, tmp_path / "n", "--override=train.max_steps=10",
+               "--override=train.learning_rate=1e30")
+    assert res.returncode != 0 and "loss became nan" in res.stderr.lower()
+    assert tf.train.latest_checkpoint(str(tmp_path / "n" / "ckpt")).endswith("ckpt-5")
+
+
+def test_quickstart_shortened(tmp_path):
+    """The quickstart flow end to end, on a small data set, model and step budget."""
+    import xhrnet_tf
+    from xhrnet_tf.config import replace
+    from xhrnet_tf.train import train
+    cfg = xhrnet_tf.load_config(os.path.join(REPO, "configs", "quickstart.yaml"))
+    d = str(tmp_path / "qs")
+    cfg = replace(cfg, {"data.synthetic_images": 16, "data.synthetic_dir": d,
+                        "data.train_tfrecords": f"{d}/tfrecords/train-*.tfrecord",
+                        "data.val_tfrecords": f"{d}/tfrecords/val-*.tfrecord",
+                        "data.val_annotations": f"{d}/annotations/person_keypoints_val.json",
+                        "model.num_modules": [1, 1, 1], "model.num_blocks": [1, 1, 1],
+                        "train.max_steps": 3, "train.global_batch_size": 8})
+    out = train(cfg, str(tmp_path / "run"))
+    assert out["steps"] == 3 and 0.0 <= out["stats"]["AP"] <= 1.0
+    assert os.path.getsize(out["tflite"]) > 100_000
+    assert os.path.exists(tmp_path / "run" / "val_results.json")
+    assert os.listdir(tmp_path / "run" / "train")  # TensorBoard events
+
+
+def test_mixed_precision_step_runs():
+    from xhrnet_tf.train import build_training_state, make_train_step
+    cfg = config_from_dict({"model": TINY_MODEL, "train": {"mixed_precision": True,
+                                                           "global_batch_size": 2}})
+    strategy = tf.distribute.get_strategy()
+    model, opt, _, _, _ = build_training_state(cfg, strategy, 10, 1)
+    assert model.get_layer("stem_conv1").compute_dtype == "bfloat16"
+    step = make_train_step(cfg, strategy, model, opt)
+    data = tf.data.Dataset.from_tensors((tf.random.normal((2, 64, 64, 3)), {
+        "heatmaps": tf.random.uniform((2, 16, 16, 17)),
+        "target_weights": tf.ones((2, 17))})).repeat()
+    loss = float(step(iter(data)))
+    assert np.isfinite(loss)
+    assert ModelConfig  # the config dataclass stays importable alongside training code
