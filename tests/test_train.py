@@ -23,7 +23,7 @@ TINY_MODEL = {"num_modules": [1, 1, 1], "num_blocks": [1, 1, 1], "input_size": [
 
 def test_warmup_and_step_schedule():
     s = WarmupStepDecay(2e-3, 500, 0.001, [1000, 1200])
-    approx = lambda v: pytest.approx(v, rel=1e-5)  # noqa: E731  (float32 schedule)
+    approx = lambda v: pytest.approx(v, rel=1e-4)  # noqa: E731  (float32 schedule)
     assert float(s(0)) == approx(2e-6)
     assert float(s(250)) == approx(2e-3 * (1 - 0.5 * 0.999))
     assert float(s(500)) == approx(2e-3)
@@ -242,3 +242,33 @@ def test_mixed_precision_step_runs():
     loss = float(step(iter(data)))
     assert np.isfinite(loss)
     assert ModelConfig  # the config dataclass stays importable alongside training code
+
+
+@pytest.mark.slow
+def test_overfits_real_coco_sample(tmp_path):
+    """X-HRNet-18 on the pose_minicoco train crops: AP >= 0.8 on the same images (flip test).
+
+    Proves that data, model, loss, decoding and evaluation fit together. About 15-25 minutes.
+    """
+    from conftest import shared_path
+    import xhrnet_tf
+    from xhrnet_tf.config import replace
+    from xhrnet_tf.data.create_tfrecords import create_tfrecords
+    from xhrnet_tf.train import train
+    root = shared_path("data", "pose_minicoco")
+    ann = os.path.join(root, "annotations", "person_keypoints_train2017.json")
+    images = os.path.join(root, "images", "train2017")
+    for mode, prefix in (("train", "train"), ("val_gt", "evalset")):
+        create_tfrecords(ann, images, str(tmp_path / prefix), mode=mode, workers=1, log=None)
+    steps = int(os.environ.get("XHRNET_OVERFIT_STEPS", "300"))
+    cfg = replace(xhrnet_tf.load_config(os.path.join(REPO, "configs", "x18.yaml")), {
+        "data.train_tfrecords": str(tmp_path / "train-*.tfrecord"),
+        "data.val_tfrecords": str(tmp_path / "evalset-*.tfrecord"),
+        "data.val_annotations": ann, "data.shuffle_buffer": 64,
+        "data.half_body_prob": 0.0, "data.rotation_prob": 0.0, "data.scale_factor": 0.0,
+        "train.global_batch_size": 16, "train.max_steps": steps, "train.warmup_steps": 50,
+        "train.checkpoint_every_steps": 100, "train.log_every_steps": 25})
+    start = time.time()
+    out = train(cfg, str(tmp_path / "run"))
+    print(f"overfit: {steps} steps in {time.time() - start:.0f} s, AP {out['stats']['AP']:.4f}")
+    assert out["stats"]["AP"] >= 0.8

@@ -1,0 +1,122 @@
+"""Export: SavedModel signatures, TFLite formats, sidecar, tflite_convert, bad input."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+import xhrnet_tf
+from xhrnet_tf import export
+from xhrnet_tf.config import Config, config_from_dict, config_to_dict
+from xhrnet_tf.tflite_utils import graph_report, interpreter
+
+TINY = {"num_modules": [1, 1, 1], "num_blocks": [1, 1, 1], "input_size": [64, 64]}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    raw = config_to_dict(Config())
+    raw["model"].update(TINY)
+    cfg = config_from_dict(raw)
+    (root / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    model = xhrnet_tf.build_pose_model(cfg)
+    rng = np.random.default_rng(0)
+    for w in model.weights:
+        v = rng.normal(0, 0.2, w.shape)
+        w.assign((np.abs(v) + 0.5 if "variance" in w.name else v).astype(np.float32))
+    model.save_weights(str(root / "tiny.weights.h5"))
+    files = export.export(cfg, str(root / "tiny.weights.h5"), str(root / "out"),
+                          list(export.FORMATS), calibration_samples=16)
+    return root, cfg, model, files
+
+
+def _run_tflite(path, x):
+    interp = interpreter(model_path=path)
+    inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
+    interp.set_tensor(inp["index"], x)
+    interp.invoke()
+    return interp.get_tensor(out["index"])
+
+
+def test_files_sidecar_and_signatures(exported):
+    root, _, model, files = exported
+    out = root / "out"
+    assert set(files) == {"saved_model", "fp32", "fp16", "dynamic", "int8"}
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["input_size"] == {"height": 64, "width": 64}
+    assert meta["keypoints"][5] == "left_shoulder" and [5, 6] in meta["flip_pairs"]
+    loaded = tf.saved_model.load(str(out / "saved_model"))
+    x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    ref = model(x, training=False).numpy()
+    heat = loaded.signatures["serving_default"](image=tf.constant(x))["heatmaps"].numpy()
+    np.testing.assert_allclose(heat, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    kp = loaded.signatures["keypoints"](image=tf.constant(x))
+    assert kp["keypoints"].shape == (2, 17, 2) and kp["scores"].shape == (2, 17)
+    from xhrnet_tf import codec
+    coords, scores = codec.decode_heatmaps(ref)
+    np.testing.assert_allclose(kp["keypoints"].numpy(), coords * 4, atol=1e-4)
+
+
+def test_tflite_formats_run_and_agree(exported):
+    root, _, model, _ = exported
+    x = np.random.default_rng(2).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    ref = model(x, training=False).numpy()
+    outs = {f: _run_tflite(str(root / "out" / f"model_{f}.tflite"), x)
+            for f in ("fp32", "fp16", "dynamic", "int8")}
+    peak = np.abs(ref).max()
+    assert np.abs(outs["fp32"] - ref).max() <= 1e-4 * peak
+    assert np.abs(outs["fp16"] - ref).max() <= 2e-2 * peak
+    for f in ("dynamic", "int8"):  # random weights: only a sanity bound
+        assert np.isfinite(outs[f]).all() and np.corrcoef(outs[f].ravel(), ref.ravel())[0, 1] > 0.5
+
+
+@pytest.mark.xfail(strict=True, reason="known defect: the converter leaves the stride-2 "
+                   "depthwise conv of the new-branch transitions (and its PAD) in float between "
+                   "a DEQUANTIZE/QUANTIZE pair; to be fixed with the QAT/int8 work")
+def test_int8_model_is_integer_inside(exported):
+    root = exported[0]
+    content = (root / "out" / "model_int8.tflite").read_bytes()
+    report = graph_report(content)
+    assert report["custom_or_flex_ops"] == [] and report["max_rank"] <= 4
+    from xhrnet_tf.tflite_utils import _no_delegate_resolver
+    interp = interpreter(content, experimental_op_resolver_type=_no_delegate_resolver())
+    details = {t["index"]: t for t in interp.get_tensor_details()}
+    ops = interp._get_ops_details()  # pylint: disable=protected-access
+    float_ops = [op["op_name"] for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+                 and any(details[i]["dtype"] == np.float32 for i in
+                         list(op["inputs"]) + list(op["outputs"]) if i >= 0)]
+    assert float_ops == [], f"float kernels inside the int8 model: {sorted(set(float_ops))}"
+    assert [op["op_name"] for op in ops].count("QUANTIZE") >= 1
+
+
+def test_tflite_convert_cli_on_saved_model(exported, tmp_path):
+    root = exported[0]
+    tool = shutil.which("tflite_convert")
+    if tool is None:
+        pytest.skip("tflite_convert is not on PATH")
+    out = tmp_path / "cli.tflite"
+    res = subprocess.run([tool, f"--saved_model_dir={root / 'out' / 'saved_model'}",
+                          f"--output_file={out}"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert graph_report(out.read_bytes())["custom_or_flex_ops"] == []
+
+
+def test_export_bad_input(exported, tmp_path, capsys):
+    root, cfg, _, _ = exported
+    with pytest.raises(export.ExportError, match="file not found"):
+        export.export(cfg, str(tmp_path / "none.h5"), str(tmp_path / "o"), ["fp32"])
+    other = config_from_dict({"model": dict(TINY, num_blocks=[2, 1, 1])})
+    with pytest.raises(export.ExportError, match="does not fit the model"):
+        export.export(other, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32"])
+    with pytest.raises(export.ExportError, match="int8 needs calibration data"):
+        export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["int8"],
+                      tfrecords=str(tmp_path / "nothing-*.tfrecord"))
+    assert export.main(["--config", str(root / "tiny.yaml"), "--weights",
+                        str(tmp_path / "none.h5"), "--output_dir", str(tmp_path / "o")]) == 1
+    assert "error: --weights" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "model_fp32.tflite")

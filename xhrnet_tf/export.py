@@ -1,0 +1,196 @@
+"""Export a trained model: SavedModel, .tflite files and a JSON sidecar.
+
+    python -m xhrnet_tf.export --config configs/x18.yaml --weights runs/x18/best.weights.h5 \\
+        --output_dir export/x18 --formats fp32,fp16,dynamic,int8 [--tfrecords 'val-*.tfrecord']
+
+* `saved_model/`: signature `serving_default` (image -> heatmaps) and `keypoints` (image ->
+  heatmaps, keypoints in input pixels, scores); `tflite_convert --saved_model_dir` works on it.
+* `model_<format>.tflite`: fp32; fp16 weights; dynamic-range int8 weights; full-integer int8
+  (post-training quantisation calibrated on person crops from `--tfrecords`, or from the
+  synthetic data set when none are given), with float, int8 or uint8 input/output.
+* `model.json`: input size and normalisation, keypoint names, flip pairs, skeleton, files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Iterable, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from xhrnet_tf import codec
+from xhrnet_tf.config import Config
+
+FORMATS = ("fp32", "fp16", "dynamic", "int8")
+
+
+class ExportError(ValueError):
+    """The export cannot be done as asked; the message says why."""
+
+
+def keypoints_from_heatmaps(heatmaps):
+    """In-graph argmax decoding with mmpose's quarter-pixel shift, in input pixels."""
+    n, h, w, k = heatmaps.shape
+    flat = tf.reshape(tf.transpose(heatmaps, [0, 3, 1, 2]), [-1, k, h * w])
+    idx = tf.argmax(flat, axis=-1, output_type=tf.int32)
+    scores = tf.reduce_max(flat, axis=-1)
+    x, y = idx % w, idx // w
+    hm = tf.transpose(heatmaps, [0, 3, 1, 2])
+
+    def at(yy, xx):
+        yy, xx = tf.clip_by_value(yy, 0, h - 1), tf.clip_by_value(xx, 0, w - 1)
+        return tf.gather_nd(hm, tf.stack([yy, xx], -1), batch_dims=2)
+
+    inner = (x > 1) & (x < w - 1) & (y > 1) & (y < h - 1)
+    dx = tf.sign(at(y, x + 1) - at(y, x - 1))
+    dy = tf.sign(at(y + 1, x) - at(y - 1, x))
+    shift = tf.where(inner[..., None], tf.stack([dx, dy], -1) * 0.25, 0.0)
+    coords = tf.cast(tf.stack([x, y], -1), tf.float32) + shift
+    coords *= tf.cast(scores > 0, tf.float32)[..., None]  # as codec.argmax_preds does
+    return coords * 4.0, scores
+
+
+def save_saved_model(model, path: str, batch_size: Optional[int] = None) -> None:
+    """SavedModel with two signatures; holds the variables, not the Keras object (fast)."""
+    spec = tf.TensorSpec((batch_size,) + tuple(model.input_shape[1:]), tf.float32, name="image")
+    module = tf.Module()
+    module.model_variables = list(model.variables)
+
+    @tf.function(input_signature=[spec])
+    def serve(image):
+        return {"heatmaps": model(image, training=False)}
+
+    @tf.function(input_signature=[spec])
+    def keypoints(image):
+        heatmaps = model(image, training=False)
+        kps, scores = keypoints_from_heatmaps(heatmaps)
+        return {"heatmaps": heatmaps, "keypoints": kps, "scores": scores}
+
+    module.serve, module.keypoints_fn = serve, keypoints
+    tf.saved_model.save(module, path, signatures={"serving_default": serve,
+                                                  "keypoints": keypoints})
+
+
+def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> List[np.ndarray]:
+    """Normalised person crops for int8 calibration."""
+    from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    with tempfile.TemporaryDirectory() as tmp:
+        if tfrecords:
+            files = sorted(tf.io.gfile.glob(tfrecords))
+            if not files:
+                raise ExportError(f"--tfrecords {tfrecords!r}: no files match; int8 needs "
+                                  "calibration data")
+        else:
+            from xhrnet_tf.data import synthetic  # pylint: disable=import-outside-toplevel
+            from xhrnet_tf.data.create_tfrecords import create_tfrecords  # pylint: disable=import-outside-toplevel
+            anns = synthetic.generate(tmp, images=max(8, count // 2), seed=1)
+            files = create_tfrecords(anns["train"], os.path.join(tmp, "images", "train"),
+                                     os.path.join(tmp, "calib"), mode="val_gt", workers=1,
+                                     input_size=config.model.input_size, log=None)["shards"]
+        ds = pipeline.build_dataset(config, training=False, files=files, batch_size=1,
+                                    deterministic=True)
+        images = [img.numpy() for img, _ in ds.take(count)]
+    if not images:
+        raise ExportError("int8 calibration found no samples in the given TFRecords")
+    return images
+
+
+def _int8_hook(images: Iterable[np.ndarray], io_type: str):
+    def hook(converter):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([img] for img in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if io_type != "float":
+            dtype = {"int8": tf.int8, "uint8": tf.uint8}[io_type]
+            converter.inference_input_type = dtype
+            converter.inference_output_type = dtype
+    return hook
+
+
+def _hook(fmt: str):
+    def hook(converter):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if fmt == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+    return None if fmt == "fp32" else hook
+
+
+def sidecar(config: Config, files: dict) -> dict:
+    h, w = config.model.input_size
+    return {
+        "model": "X-HRNet", "unit": config.model.unit, "input_size": {"height": h, "width": w},
+        "input": "RGB float32, (pixel / 255 - mean) / std (unless an int8/uint8 input says "
+                 "otherwise in its TFLite quantisation parameters)",
+        "mean": list(codec.IMAGENET_MEAN), "std": list(codec.IMAGENET_STD),
+        "heatmap_size": {"height": h // 4, "width": w // 4}, "stride": 4,
+        "keypoints": list(codec.COCO_KEYPOINTS),
+        "flip_pairs": [list(p) for p in codec.COCO_FLIP_PAIRS],
+        "skeleton": [list(p) for p in codec.COCO_SKELETON],
+        "box": {"aspect_ratio": w / h, "padding": 1.25, "pixel_std": codec.PIXEL_STD},
+        "files": files,
+    }
+
+
+def export(config: Config, weights: str, output_dir: str, formats: List[str],
+           tfrecords: Optional[str] = None, int8_io: str = "float",
+           calibration_samples: int = 200) -> dict:
+    from xhrnet_tf import build_pose_model  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ExportError(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
+    if not weights or not os.path.isfile(weights):
+        raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
+    model = build_pose_model(config)
+    try:
+        model.load_weights(weights)
+    except (ValueError, OSError) as e:
+        raise ExportError(f"{weights}: does not fit the model of this config "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    calib = calibration_images(config, tfrecords, calibration_samples) if "int8" in formats \
+        else None
+    os.makedirs(output_dir, exist_ok=True)
+    files = {"saved_model": "saved_model"}
+    save_saved_model(model, os.path.join(output_dir, "saved_model"))
+    for fmt in formats:
+        hook = _int8_hook(calib, int8_io) if fmt == "int8" else _hook(fmt)
+        name = f"model_{fmt}.tflite"
+        with open(os.path.join(output_dir, name), "wb") as f:
+            f.write(to_tflite(model, converter_hook=hook))
+        files[fmt] = name
+    with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
+        json.dump(sidecar(config, files), f, indent=1)
+    return files
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xhrnet_tf.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--formats", default="fp32,fp16,dynamic,int8")
+    p.add_argument("--tfrecords", help="glob of person-crop TFRecords for int8 calibration")
+    p.add_argument("--int8_io", default="float", choices=["float", "int8", "uint8"])
+    p.add_argument("--calibration_samples", type=int, default=200)
+    args = p.parse_args(argv)
+    import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    try:
+        cfg = xhrnet_tf.load_config(args.config)
+        files = export(cfg, args.weights, args.output_dir,
+                       [f.strip() for f in args.formats.split(",") if f.strip()],
+                       args.tfrecords, args.int8_io, args.calibration_samples)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for fmt, name in files.items():
+        print(f"{fmt:>12}: {os.path.join(args.output_dir, name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
