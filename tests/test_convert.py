@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 import xhrnet_tf
-from conftest import built_pose_model, config_path, shared_path
-from xhrnet_tf.config import ModelConfig, config_to_dict, load_config
+from conftest import (built_pose_model, config_path, randomise_weights, shared_path,
+                      tiny_config)
+from xhrnet_tf.config import config_to_dict, load_config
 from xhrnet_tf.convert import (CheckpointMismatchError, export_official_state_dict,
                                load_official_weights, main, read_checkpoint)
 from xhrnet_tf.tflite_utils import graph_report, interpreter, to_tflite
@@ -15,17 +16,10 @@ from xhrnet_tf.tflite_utils import graph_report, interpreter, to_tflite
 REF = ("refs", "sxhrnet_18_coco_256x192")
 
 
-def _tiny(**kw):
-    base = dict(num_modules=(1, 1, 1), num_blocks=(1, 1, 1), input_size=(64, 64))
-    base.update(kw)
-    return ModelConfig(**base)
+_tiny = tiny_config
 
 
-def _random_weights(model, seed):
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        v = rng.normal(0.0, 0.3, size=w.shape)
-        w.assign((np.abs(v) + 0.5 if "variance" in w.name else v).astype(np.float32))
+_random_weights = randomise_weights
 
 
 def test_reference_keys_all_consumed():

@@ -14,7 +14,7 @@ from xhrnet_tf import export
 from xhrnet_tf.config import Config, config_from_dict, config_to_dict
 from xhrnet_tf.tflite_utils import graph_report, interpreter
 
-TINY = {"num_modules": [1, 1, 1], "num_blocks": [1, 1, 1], "input_size": [64, 64]}
+from conftest import TINY_MODEL as TINY, randomise_weights
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +25,7 @@ def exported(tmp_path_factory):
     cfg = config_from_dict(raw)
     (root / "tiny.yaml").write_text(yaml.safe_dump(raw))
     model = xhrnet_tf.build_pose_model(cfg)
-    rng = np.random.default_rng(0)
-    for w in model.weights:
-        v = rng.normal(0, 0.2, w.shape)
-        w.assign((np.abs(v) + 0.5 if "variance" in w.name else v).astype(np.float32))
+    randomise_weights(model, seed=0, scale=0.2)
     model.save_weights(str(root / "tiny.weights.h5"))
     files = export.export(cfg, str(root / "tiny.weights.h5"), str(root / "out"),
                           list(export.FORMATS), calibration_samples=16)

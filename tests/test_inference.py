@@ -7,20 +7,17 @@ import pytest
 
 import xhrnet_tf
 from xhrnet_tf import demo
-from xhrnet_tf.config import ModelConfig
+from conftest import randomise_weights, tiny_config
 from xhrnet_tf.inference import PoseEstimator
 from xhrnet_tf.tflite_utils import to_tflite
 
-TINY = ModelConfig(num_modules=(1, 1, 1), num_blocks=(1, 1, 1), input_size=(64, 64))
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     model = xhrnet_tf.build_pose_model(TINY)
-    rng = np.random.default_rng(0)
-    for w in model.weights:
-        v = rng.normal(0, 0.2, w.shape)
-        w.assign((np.abs(v) + 0.5 if "variance" in w.name else v).astype(np.float32))
+    randomise_weights(model, seed=0, scale=0.2)
     return model
 
 

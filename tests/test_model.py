@@ -7,7 +7,8 @@ import tensorflow as tf
 import tf_keras
 
 import xhrnet_tf
-from conftest import built_pose_model, config_path, shared_path
+from conftest import (built_pose_model, config_path, randomise_weights, shared_path,
+                      tiny_config)
 from xhrnet_tf.config import ConfigError, ModelConfig
 from xhrnet_tf.convert import load_official_weights, read_checkpoint
 from xhrnet_tf.tools.complexity import complexity
@@ -74,11 +75,7 @@ def test_parity_with_official_reference():
     assert not bad, f"relative error above 1e-5 at {bad}"
 
 
-def _tiny(**kw):
-    """Small variants keep the variant tests fast while exercising every code path."""
-    base = dict(num_modules=(1, 1, 1), num_blocks=(1, 1, 1), input_size=(64, 64))
-    base.update(kw)
-    return ModelConfig(**base)
+_tiny = tiny_config
 
 
 VARIANTS = {
@@ -92,14 +89,7 @@ VARIANTS = {
 }
 
 
-def _randomise(model, seed=1):
-    """Non-trivial weights (BN stats included) so a lost weight shows in the output."""
-    rng = np.random.default_rng(seed)
-    for w in model.weights:
-        v = rng.normal(0.0, 0.3, size=w.shape)
-        if "moving_variance" in w.name or "gamma" in w.name:
-            v = np.abs(v) + 0.5
-        w.assign(v.astype(np.float32))
+_randomise = randomise_weights
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -13,12 +13,11 @@ import tensorflow as tf
 import tf_keras
 import yaml
 
-from conftest import REPO
+from conftest import REPO, TINY_MODEL
 from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
 from xhrnet_tf.layers import NearestUpsample
 from xhrnet_tf.train import WarmupStepDecay, joints_mse
 
-TINY_MODEL = {"num_modules": [1, 1, 1], "num_blocks": [1, 1, 1], "input_size": [64, 64]}
 
 
 def test_warmup_and_step_schedule():

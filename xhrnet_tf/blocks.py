@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-import tf_keras
 from tf_keras import layers
 
 from xhrnet_tf.layers import (SUSA, BilinearResize, ChannelSplit, NearestUpsample,
