@@ -42,7 +42,6 @@ def main(argv):
     import os  # pylint: disable=import-outside-toplevel
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.config import replace  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf.data.pipeline import DataError  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.train import TrainingError, train  # pylint: disable=import-outside-toplevel
     try:
         cfg = xhrnet_tf.load_config(FLAGS.config)
@@ -51,7 +50,6 @@ def main(argv):
             "runs", os.path.splitext(os.path.basename(FLAGS.config))[0])
         train(cfg, model_dir, FLAGS.config, FLAGS.mode)
     except (ValueError, TrainingError, FileNotFoundError) as e:  # ConfigError, DataError too
-        del DataError
         sys.exit(f"error: {e}")
 
 

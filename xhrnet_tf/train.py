@@ -109,8 +109,11 @@ def _mixed_precision_policy(cfg: Config) -> str:
     return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
 
 
-def build_training_state(cfg: Config, strategy, steps_per_epoch: int, num_workers: int):
-    """Model, optimizer and checkpoint, created under the strategy's scope."""
+def build_training_state(cfg: Config, strategy, steps_per_epoch: int, num_replicas: int = 1):
+    """Model, optimizer and checkpoint, created under the strategy's scope.
+
+    (`num_replicas` is accepted for callers' symmetry; lr scaling uses the global batch.)
+    """
     policy = _mixed_precision_policy(cfg)
     tf_keras.mixed_precision.set_global_policy(policy)
     t = cfg.train
@@ -128,7 +131,7 @@ def build_training_state(cfg: Config, strategy, steps_per_epoch: int, num_worker
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step)
     tf_keras.mixed_precision.set_global_policy("float32")
-    del num_workers
+    del num_replicas
     return model, optimizer, schedule, step, ckpt
 
 
