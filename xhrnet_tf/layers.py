@@ -119,7 +119,7 @@ class SUSA(tf_keras.layers.Layer):
 
 @tf_keras.saving.register_keras_serializable(package=_PACKAGE)
 class ChannelSplit(tf_keras.layers.Layer):
-    """Splits the last axis into pieces of the given sizes (tf.split -> TFLite SPLIT_V)."""
+    """Splits the last axis into pieces of the given sizes."""
 
     def __init__(self, sizes, **kwargs):
         super().__init__(**kwargs)
@@ -132,7 +132,12 @@ class ChannelSplit(tf_keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x):
-        return tf.split(x, self.sizes, axis=-1)
+        # Equal pieces become SPLIT, which XNNPACK delegates; SPLIT_V (uneven sizes) it does
+        # not, so uneven splits are written as slices (STRIDED_SLICE) instead.
+        if len(set(self.sizes)) == 1:
+            return tf.split(x, len(self.sizes), axis=-1)
+        bounds = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
+        return [x[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def compute_output_shape(self, input_shape):
         shape = tf.TensorShape(input_shape)
@@ -181,31 +186,26 @@ CUSTOM_OBJECTS = {"SUSA": SUSA, "ChannelSplit": ChannelSplit, "BilinearResize": 
 class NearestUpsample(tf_keras.layers.Layer):
     """Nearest-neighbour up-sampling by an integer factor (pixel replication).
 
-    Same forward op as UpSampling2D (TFLite RESIZE_NEAREST_NEIGHBOR), but with its gradient
-    written as a sum-pool, because XLA has no kernel for ResizeNearestNeighborGrad and the
-    fuse layers would otherwise keep jit_compile training from compiling.
+    Written as k*k channel copies rearranged by DEPTH_TO_SPACE instead of
+    RESIZE_NEAREST_NEIGHBOR: XNNPACK has no nearest resize, so each of the fuse layers'
+    up-samplings would otherwise cut the delegated graph into another partition. Both ops
+    have XLA kernels and gradients, so jit_compile training works too.
     """
 
     def __init__(self, factor: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.factor = int(factor)
+        if self.factor < 1 or self.factor & (self.factor - 1):
+            raise ValueError(f"NearestUpsample factor must be a power of two, got {factor}")
 
     def call(self, x):
         k = self.factor
-
-        @tf.custom_gradient
-        def upsample(t):
-            size = tf.shape(t)[1:3] * k if t.shape[1] is None else (t.shape[1] * k,
-                                                                     t.shape[2] * k)
-            out = tf.image.resize(t, size, method="nearest")
-
-            def grad(g):
-                pooled = tf.nn.avg_pool2d(g, k, k, "VALID")
-                return pooled * tf.cast(k * k, g.dtype)
-
-            return out, grad
-
-        return upsample(x)
+        copies = x
+        # XNNPACK's concatenation takes at most 4 inputs: build the k*k copies by fours.
+        while copies.shape[-1] < x.shape[-1] * k * k:
+            n = min(4, x.shape[-1] * k * k // copies.shape[-1])
+            copies = tf.concat([copies] * n, axis=-1)
+        return tf.nn.depth_to_space(copies, k)
 
     def compute_output_shape(self, input_shape):
         s = tf.TensorShape(input_shape)
