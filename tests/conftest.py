@@ -52,3 +52,41 @@ def randomise_weights(model, seed=1, scale=0.3):
         if "moving_variance" in w.name or "gamma" in w.name:
             v = np.abs(v) + 0.5
         w.assign(v.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Synthetic images as TFRecords, and a tiny-model config file reading them."""
+    import yaml
+    from xhrnet_tf.config import Config, config_to_dict
+    from xhrnet_tf.data import synthetic
+    from xhrnet_tf.data.create_tfrecords import create_tfrecords
+    root = tmp_path_factory.mktemp("tiny")
+    anns = synthetic.generate(str(root / "syn"), images=12, seed=3)
+    for split, mode in (("train", "train"), ("val", "val_gt")):
+        create_tfrecords(anns[split], str(root / "syn" / "images" / split),
+                         str(root / "tfr" / split), shards=2, mode=mode, workers=1,
+                         input_size=(64, 64), log=None)
+    raw = config_to_dict(Config())
+    raw["model"].update(TINY_MODEL)
+    raw["data"].update(train_tfrecords=str(root / "tfr" / "train-*.tfrecord"),
+                       val_tfrecords=str(root / "tfr" / "val-*.tfrecord"),
+                       val_annotations=anns["val"], shuffle_buffer=16, heatmap_sigma=1.0)
+    raw["train"].update(global_batch_size=4, max_steps=40, checkpoint_every_steps=5,
+                        deterministic=True, log_every_steps=5, warmup_steps=5)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), raw
+
+
+def run_train(config, model_dir, *extra, env=None, wait=True):
+    """train_main.py in a subprocess (so a test can kill it)."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, os.path.join(REPO, "train_main.py"), f"--config={config}",
+           f"--model_dir={model_dir}", "--mode=train", *extra]
+    env = dict(os.environ, **(env or {}))
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

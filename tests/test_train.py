@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras
 import yaml
 
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, run_train as _run
 from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
 from xhrnet_tf.layers import NearestUpsample
 from xhrnet_tf.train import WarmupStepDecay, joints_mse
@@ -50,39 +50,6 @@ def test_nearest_upsample_matches_upsampling2d_and_its_gradient():
     np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_allclose(tape.gradient(la, x).numpy(), tape.gradient(lb, x).numpy(),
                                rtol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Synthetic images as TFRecords, and a tiny-model config file reading them."""
-    from xhrnet_tf.data import synthetic
-    from xhrnet_tf.data.create_tfrecords import create_tfrecords
-    root = tmp_path_factory.mktemp("tiny")
-    anns = synthetic.generate(str(root / "syn"), images=12, seed=3)
-    for split, mode in (("train", "train"), ("val", "val_gt")):
-        create_tfrecords(anns[split], str(root / "syn" / "images" / split),
-                         str(root / "tfr" / split), shards=2, mode=mode, workers=1,
-                         input_size=(64, 64), log=None)
-    raw = config_to_dict(Config())
-    raw["model"].update(TINY_MODEL)
-    raw["data"].update(train_tfrecords=str(root / "tfr" / "train-*.tfrecord"),
-                       val_tfrecords=str(root / "tfr" / "val-*.tfrecord"),
-                       val_annotations=anns["val"], shuffle_buffer=16, heatmap_sigma=1.0)
-    raw["train"].update(global_batch_size=4, max_steps=40, checkpoint_every_steps=5,
-                        deterministic=True, log_every_steps=5, warmup_steps=5)
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path), raw
-
-
-def _run(config, model_dir, *extra, env=None, wait=True):
-    cmd = [sys.executable, os.path.join(REPO, "train_main.py"), f"--config={config}",
-           f"--model_dir={model_dir}", "--mode=train", *extra]
-    env = dict(os.environ, **(env or {}))
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _final_weights(model_dir, raw):

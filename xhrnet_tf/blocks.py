@@ -11,7 +11,7 @@ from typing import List, Sequence
 from tf_keras import layers
 
 from xhrnet_tf.layers import (SUSA, BilinearResize, ChannelSplit, NearestUpsample,
-                              conv_initializer)
+                              Subsample2x, conv_initializer)
 
 # PyTorch BatchNorm defaults in Keras terms (SPEC 2.2): eps 1e-5, running = 0.9 * running + ...
 BN_EPSILON = 1e-5
@@ -136,10 +136,27 @@ def transition(inputs: List, in_channels: Sequence[int], out_channels: Sequence[
         for t in range(steps):
             c_in = x.shape[-1]
             c = c_out if t == steps - 1 else c_in
-            x = conv_bn(x, c_in, 3, f"{name}_branch{i}_step{t}_dw", stride=2, depthwise=True)
+            step = f"{name}_branch{i}_step{t}_dw"
+            x = _dw_stride2_subsampled(x, step) if t == 0 else \
+                conv_bn(x, c_in, 3, step, stride=2, depthwise=True)
             x = conv_bn(x, c, 1, f"{name}_branch{i}_step{t}_pw")
         outputs.append(x)
     return outputs
+
+
+def _dw_stride2_subsampled(x, name: str):
+    """3x3 stride-2 DW conv + BN, computed as stride 1 then every other pixel.
+
+    Same numbers as PyTorch's pad-1 stride-2 conv. The transition's input also enters the
+    next stage's split/concat units, whose int8 scales TFLite ties together; a PAD on that
+    tensor (a same-scale op) then makes the converter leave PAD and DW conv in float. Without
+    the PAD the whole int8 graph stays integer, for 4x the MACs of one small layer.
+    """
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                               depthwise_initializer=conv_initializer(), name=name)(x)
+    # BN before the subsample (they commute) so that conv+BN fold, in TFLite and in QAT.
+    x = batch_norm(x, f"{name}_bn")
+    return Subsample2x(name=f"{name}_subsample")(x)
 
 
 def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str):
@@ -162,7 +179,8 @@ def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
 
     'official' reproduces the in-place aliasing of the official code: branch 0 enters its own
     sum twice, and the other outputs see the pre-ReLU fused branch 0 (z0) through F_i0,
-    counted twice. The term order of each Add follows the official accumulation order.
+    counted twice. The terms are summed in the official accumulation order, except that the
+    repeated first term comes third (see below).
     'standard' is the plain HRNet sum x_i + sum_j F_ij(x_j).
     """
     n = len(xs)
@@ -174,12 +192,28 @@ def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
             term = src if i == j else fuse_path(src, i, j, channels, f"{name}_fuse{i}_{j}")
             terms.append(term)
         if fuse_mode == "official":
-            terms.insert(0, terms[0])
-        z = layers.Add(name=f"{name}_fuse{i}_add")(terms)
+            # The first term enters twice. Added as the third term, not the second: an Add
+            # of one tensor with itself breaks the int8 converter's same-scale propagation,
+            # and the reordering changes the float sum only by rounding (~1e-7 relative).
+            terms.insert(min(2, len(terms)), terms[0])
+        z = _sum_in_order(terms, f"{name}_fuse{i}_add")
         if i == 0:
             z0 = z
         outputs.append(layers.ReLU(name=f"{name}_fuse{i}_relu")(z))
     return outputs
+
+
+def _sum_in_order(terms: List, name: str):
+    """Left-to-right sum as a chain of two-input Adds (the same arithmetic as one n-input Add).
+
+    Each partial sum is then a layer output, so QAT gives it an int8 range; inside one
+    n-input Add it would have none and the converter would keep those adds in float.
+    """
+    z = terms[0]
+    for k, term in enumerate(terms[1:], start=1):
+        last = k == len(terms) - 1
+        z = layers.Add(name=name if last else f"{name}_partial{k}")([z, term])
+    return z
 
 
 def lite_module(xs: List, model_cfg, channels: Sequence[int], num_blocks: int,

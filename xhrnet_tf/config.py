@@ -75,6 +75,11 @@ class TrainConfig:
     log_every_steps: int = 50
     deterministic: bool = False  # reproducible input order and augmentation (slower)
     export_tflite: bool = False  # write model_dir/model_fp32.tflite when training ends
+    # Start from these float weights (a .weights.h5 saved by training) before step 0.
+    init_weights: str = ""
+    # Quantization-aware training (xhrnet_tf.qat): fine-tune the fake-quantised model and
+    # export model_dir/model_qat_int8.tflite. Usually with init_weights and a short schedule.
+    qat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +205,13 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
              for name in sections}
     cfg = Config(**built)
     validate_model(cfg.model, f"{source}: model")
+    if cfg.train.qat and cfg.train.mixed_precision:
+        raise ConfigError(f"{source}: train.qat and train.mixed_precision exclude each other: "
+                          "QAT simulates int8 on float32; set mixed_precision: false")
+    if cfg.train.qat and cfg.train.jit_compile:
+        raise ConfigError(f"{source}: train.qat and train.jit_compile exclude each other: "
+                          "QAT's range updates sync across replicas, which XLA clusters "
+                          "cannot; set jit_compile: false")
     return cfg
 
 

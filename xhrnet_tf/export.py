@@ -8,6 +8,8 @@
 * `model_<format>.tflite`: fp32; fp16 weights; dynamic-range int8 weights; full-integer int8
   (post-training quantisation calibrated on person crops from `--tfrecords`, or from the
   synthetic data set when none are given), with float, int8 or uint8 input/output.
+* `model_qat_int8.tflite` (`--formats qat`, weights of a `train.qat: true` run): full-integer
+  int8 with every range learned in quantization-aware training, no calibration.
 * `model.json`: input size and normalisation, keypoint names, flip pairs, skeleton, files.
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tensorflow as tf
 from xhrnet_tf import codec
 from xhrnet_tf.config import Config
 
-FORMATS = ("fp32", "fp16", "dynamic", "int8")
+FORMATS = ("fp32", "fp16", "dynamic", "int8", "qat")
 
 
 class ExportError(ValueError):
@@ -143,13 +145,20 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ExportError(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
+    if "qat" in formats and len(formats) > 1:
+        raise ExportError("--formats: 'qat' takes the weights of a QAT run (train.qat: true), "
+                          "the other formats float weights; export them separately")
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
     model = build_pose_model(config)
+    if "qat" in formats:
+        from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+        model, _ = qat.quantize_model(model)
     try:
         model.load_weights(weights)
     except (ValueError, OSError) as e:
-        raise ExportError(f"{weights}: does not fit the model of this config "
+        kind = "a QAT run's (train.qat: true)" if "qat" in formats else "this config's model"
+        raise ExportError(f"{weights}: does not fit {kind} "
                           f"({str(e).splitlines()[0][:200]})") from None
     calib = calibration_images(config, tfrecords, calibration_samples) if "int8" in formats \
         else None
@@ -158,7 +167,10 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     save_saved_model(model, os.path.join(output_dir, "saved_model"))
     for fmt in formats:
         hook = _int8_hook(calib, int8_io) if fmt == "int8" else _hook(fmt)
-        name = f"model_{fmt}.tflite"
+        if fmt == "qat":
+            from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
+            hook = int8_hook(int8_io)
+        name = f"model_{fmt}.tflite" if fmt != "qat" else "model_qat_int8.tflite"
         with open(os.path.join(output_dir, name), "wb") as f:
             f.write(to_tflite(model, converter_hook=hook))
         files[fmt] = name

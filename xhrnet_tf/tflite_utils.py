@@ -5,8 +5,13 @@ Quantised export (fp16, dynamic range, int8, QAT) builds on `to_tflite` in the e
 from __future__ import annotations
 
 import collections
-from typing import Dict, Optional
+import contextlib
+import io
+import os
+import tempfile
+from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -52,6 +57,59 @@ def graph_report(model_content: bytes) -> Dict:
                                      op.upper() != op),
         "size_bytes": len(model_content),
     }
+
+
+def float_kernels(model_content: bytes) -> List[str]:
+    """Ops of a quantised model that read or write float32, except the QUANTIZE/DEQUANTIZE
+    pairs at its ends: each is a float island (slower, and rejected by integer-only NPUs)."""
+    interp = interpreter(model_content, experimental_op_resolver_type=_no_delegate_resolver())
+    dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
+    found = []
+    for op in interp._get_ops_details():  # pylint: disable=protected-access
+        if op["op_name"] in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        tensors = [int(i) for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
+        if any(dtypes[i] == np.float32 for i in tensors):
+            found.append(op["op_name"])
+    return found
+
+
+def xnnpack_report(model_content: bytes, num_threads: int = 1) -> Dict:
+    """How XNNPACK (ai_edge_litert's default delegate) partitions the graph.
+
+    The runtime logs "Replacing N out of N node(s)" only at verbose level when it takes the
+    whole graph, so this reads the result from the graph instead: every DELEGATE node is one
+    partition, and an op left to the builtin kernels shows as the producer of a tensor that a
+    partition (or the graph output) consumes.
+    """
+    interp = interpreter(model_content, num_threads=num_threads)
+    ops = interp._get_ops_details()  # pylint: disable=protected-access
+    delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+    producer = {int(t): op["op_name"] for op in ops if op["op_name"] != "DELEGATE"
+                for t in op["outputs"]}
+    delegated_out = {int(t) for op in delegates for t in op["outputs"]}
+    consumed = {int(t) for op in delegates for t in op["inputs"]}
+    consumed |= {d["index"] for d in interp.get_output_details()}
+    left = collections.Counter(producer[t] for t in consumed - delegated_out if t in producer)
+    return {"partitions": len(delegates), "undelegated_ops": dict(left),
+            "whole_graph": len(delegates) == 1 and not left,
+            "nodes": len(ops) - len(delegates)}
+
+
+def gpu_compatibility(model_content: bytes) -> List[str]:
+    """GPU-delegate warnings of tf.lite's Analyzer; an empty list means it found none."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(model_content)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            tf.lite.experimental.Analyzer.analyze(model_path=path, gpu_compatibility=True)
+    text = out.getvalue()
+    warnings = [line.strip() for line in text.splitlines() if "GPU COMPATIBILITY WARNING" in line]
+    if not warnings and "looks compatible with GPU delegate" not in text:
+        warnings.append("the Analyzer did not report GPU compatibility")
+    return warnings
 
 
 def _no_delegate_resolver():

@@ -102,6 +102,27 @@ def check_model_dir(cfg: Config, model_dir: str, write: bool) -> None:
         os.replace(path + ".tmp", path)
 
 
+def build_model(cfg: Config, init: bool = True):
+    """The model a config trains: float X-HRNet, its init_weights, and QAT if asked."""
+    model = build_pose_model(cfg)
+    path = cfg.train.init_weights
+    if init and path:
+        if not os.path.isfile(path):
+            raise TrainingError(f"train.init_weights {path!r}: file not found; train the float "
+                                "model first or fix the path")
+        try:
+            model.load_weights(path)
+        except (ValueError, OSError) as e:
+            raise TrainingError(f"train.init_weights {path}: does not fit this config's model "
+                                f"({str(e).splitlines()[0][:160]})") from None
+    if cfg.train.qat:
+        from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+        model, report = qat.quantize_model(model)
+        if init:
+            qat.print_report(report)
+    return model
+
+
 def _mixed_precision_policy(cfg: Config) -> str:
     if not cfg.train.mixed_precision:
         return "float32"
@@ -124,7 +145,7 @@ def build_training_state(cfg: Config, strategy, steps_per_epoch: int, num_replic
                                [e * steps_per_epoch for e in t.lr_steps])
     with strategy.scope():
         tf_keras.utils.set_random_seed(t.seed)
-        model = build_pose_model(cfg)
+        model = build_model(cfg)
         optimizer = tf_keras.optimizers.Adam(schedule, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
         if policy == "mixed_float16":
             optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
@@ -140,7 +161,6 @@ def make_train_step(cfg: Config, strategy, model, optimizer):
     scaled = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
     global_batch = cfg.train.global_batch_size
 
-    @tf.function(jit_compile=cfg.train.jit_compile)
     def loss_and_grads(images, targets):
         with tf.GradientTape() as tape:
             pred = tf.cast(model(images, training=True), tf.float32)
@@ -150,8 +170,13 @@ def make_train_step(cfg: Config, strategy, model, optimizer):
         grads = tape.gradient(objective, model.trainable_variables)
         return loss, grads
 
+    # XLA compiles the forward/backward pass as its own function. Without XLA the pass runs
+    # inline: QAT's range updates sync across replicas, which a nested function forbids.
+    compute = tf.function(loss_and_grads, jit_compile=True) if cfg.train.jit_compile \
+        else loss_and_grads
+
     def replica_step(images, targets):
-        loss, grads = loss_and_grads(images, targets)
+        loss, grads = compute(images, targets)
         if scaled:
             grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
@@ -327,7 +352,7 @@ def _plain_copy(cfg: Config, model):
     key = id(model)
     if key not in _PLAIN:
         _PLAIN.clear()
-        _PLAIN[key] = build_pose_model(cfg)
+        _PLAIN[key] = build_model(cfg, init=False)
     _PLAIN[key].set_weights(weights)
     return _PLAIN[key]
 
@@ -340,11 +365,15 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
         stats = _periodic_eval(cfg, model, model_dir, None, total, verbose=True)
         if stats:
             result["stats"] = stats
-        if cfg.train.export_tflite:
+        if cfg.train.export_tflite or cfg.train.qat:
             from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
-            path = os.path.join(model_dir, "model_fp32.tflite")
+            name, hook = "model_fp32.tflite", None
+            if cfg.train.qat:
+                from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
+                name, hook = "model_qat_int8.tflite", int8_hook()
+            path = os.path.join(model_dir, name)
             with open(path, "wb") as f:
-                f.write(to_tflite(model))
+                f.write(to_tflite(model, converter_hook=hook))
             result["tflite"] = path
             print(f"saved {path}")
     return result
@@ -356,7 +385,7 @@ def evaluate_checkpoint(cfg: Config, model_dir: str, config_path: str) -> dict:
     if not _val_available(cfg):
         raise TrainingError(f"{config_path}: data.val_tfrecords / data.val_annotations do not "
                             "point at existing files")
-    model = build_pose_model(cfg)
+    model = build_model(cfg, init=False)
     ckpt = tf.train.Checkpoint(model=model)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(model_dir, "ckpt"), max_to_keep=3)
     if not manager.latest_checkpoint:
