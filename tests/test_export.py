@@ -153,7 +153,7 @@ def test_export_bad_input(exported, tmp_path, capsys):
     with pytest.raises(export.ExportError, match="file not found"):
         export.export(cfg, str(tmp_path / "none.h5"), str(tmp_path / "o"), ["fp32"])
     other = config_from_dict({"model": dict(TINY, num_blocks=[2, 1, 1])})
-    with pytest.raises(export.ExportError, match="does not fit the model"):
+    with pytest.raises(export.ExportError, match="does not fit this config.s model"):
         export.export(other, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32"])
     with pytest.raises(export.ExportError, match="export them separately"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32", "qat"])

@@ -1,6 +1,7 @@
 """Training: recipe pieces, distribution, resume after kill -9, bad input, quickstart."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,7 +171,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
     assert ok.returncode == 0
     res = _run(config, tmp_path / "n", "--override=train.max_steps=10",
                "--override=train.learning_rate=1e30")
-    assert res.returncode != 0 and "loss became nan" in res.stderr.lower()
+    assert res.returncode != 0
+    assert re.search(r"loss became -?(nan|inf) at step", res.stderr.lower()), res.stderr[-500:]
     assert tf.train.latest_checkpoint(str(tmp_path / "n" / "ckpt")).endswith("ckpt-5")
 
 

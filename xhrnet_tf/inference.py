@@ -24,6 +24,11 @@ class PoseEstimator:
         self.post_process = post_process
         self.batch_size = batch_size
 
+    @property
+    def predict_fn(self):
+        """Normalised crops (N, H, W, 3) float32 -> heatmaps (N, H/4, W/4, 17)."""
+        return self._predict
+
     @classmethod
     def from_model(cls, model, **kwargs) -> "PoseEstimator":
         import tensorflow as tf  # pylint: disable=import-outside-toplevel

@@ -1,0 +1,124 @@
+"""How much int8 loses: float Keras vs int8 PTQ .tflite vs QAT int8 .tflite on the same crops.
+
+    python -m xhrnet_tf.tools.int8_accuracy --config configs/quickstart.yaml \\
+        --weights runs/quickstart/best.weights.h5 \\
+        [--qat_config configs/quickstart_qat.yaml --qat_weights runs/quickstart_qat/final.weights.h5]
+        [--annotations person_keypoints_val2017.json --images DIR]   # else the config's val set
+
+Every variant sees the same evaluation crops (ground-truth boxes) with the config's flip test
+and decoding. Printed per variant: COCO keypoint AP (pycocotools) and the mean distance, in
+heatmap pixels, of its keypoints from the float model's. PTQ is calibrated on the config's
+training TFRecords (else on the synthetic set), never on the evaluation crops.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Callable, Dict
+
+import numpy as np
+
+
+def _tflite_predict(content: bytes) -> Callable[[np.ndarray], np.ndarray]:
+    from xhrnet_tf.inference import PoseEstimator  # pylint: disable=import-outside-toplevel
+    with tempfile.NamedTemporaryFile(suffix=".tflite", delete=False) as f:
+        f.write(content)
+    est = PoseEstimator.from_tflite(f.name)
+    os.unlink(f.name)
+    return est.predict_fn
+
+
+def _eval_shards(cfg, annotations, images, tmp):
+    from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    if not annotations:
+        return pipeline.list_files(cfg.data.val_tfrecords, "data.val_tfrecords"), \
+            cfg.data.val_annotations
+    from xhrnet_tf.data.create_tfrecords import create_tfrecords  # pylint: disable=import-outside-toplevel
+    out = create_tfrecords(annotations, images, os.path.join(tmp, "val"), shards=1,
+                           mode="val_gt", workers=1, input_size=cfg.model.input_size, log=None)
+    return out["shards"], annotations
+
+
+def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, images=None,
+            calibration_samples=200) -> Dict[str, Dict[str, float]]:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf import codec, evaluate, export, qat  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    model = xhrnet_tf.build_pose_model(cfg)
+    model.load_weights(weights)
+    calib_glob = cfg.data.train_tfrecords if tf.io.gfile.glob(
+        cfg.data.train_tfrecords or "/nonexistent") else None
+    calib = export.calibration_images(cfg, calib_glob, calibration_samples)
+    keras_fn = tf.function(lambda x: model(x, training=False))
+    variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
+                "int8 PTQ (.tflite)": _tflite_predict(
+                    to_tflite(model, converter_hook=export._int8_hook(calib, "float")))}  # pylint: disable=protected-access
+    if qat_weights:
+        qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg))
+        qmodel.load_weights(qat_weights)
+        variants["int8 QAT (.tflite)"] = _tflite_predict(
+            to_tflite(qmodel, converter_hook=qat.int8_hook()))
+    with tempfile.TemporaryDirectory() as tmp:
+        files, ann = _eval_shards(cfg, annotations, images, tmp)
+        ds = pipeline.build_dataset(cfg, training=False, files=files, batch_size=16,
+                                    deterministic=True)
+        batches = [(img.numpy(), {k: v.numpy() for k, v in meta.items()}) for img, meta in ds]
+    _, heatmap_size = pipeline.input_sizes(cfg)
+    out, ref = {}, None
+    for name, fn in variants.items():
+        coords_all, vals_all, metas, raw = [], [], [], []
+        for imgs, meta in batches:
+            hm = evaluate.predict_heatmaps(fn, imgs, cfg.eval.flip_test, cfg.eval.shift_heatmap)
+            coords, vals = codec.decode_heatmaps(hm, cfg.eval.post_process)
+            for i in range(len(coords)):
+                m = {k: meta[k][i] for k in ("center", "scale", "score", "image_id")}
+                coords_all.append(codec.heatmap_to_image(coords[i], m["center"], m["scale"],
+                                                         heatmap_size))
+                vals_all.append(vals[i])
+                metas.append(m)
+                raw.append(coords[i])
+        results = evaluate.results_from_predictions(coords_all, vals_all, metas, cfg.eval)
+        stats = evaluate.coco_keypoint_eval(ann, results, verbose=False)
+        raw = np.stack(raw)
+        ref = raw if ref is None else ref
+        dist = float(np.linalg.norm(raw - ref, axis=-1).mean())
+        out[name] = {"AP": stats["AP"], "AP50": stats["AP50"], "mean_dist_hm_px": dist,
+                     "instances": len(raw)}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m xhrnet_tf.tools.int8_accuracy",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--weights", required=True, help="float weights (.weights.h5)")
+    p.add_argument("--qat_config", help="config of the QAT run (default: --config)")
+    p.add_argument("--qat_weights", help="weights saved by a train.qat run")
+    p.add_argument("--annotations", help="COCO keypoint json to evaluate on (with --images)")
+    p.add_argument("--images")
+    p.add_argument("--calibration_samples", type=int, default=200)
+    args = p.parse_args(argv)
+    import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    for path in (args.weights, args.qat_weights):
+        if path and not os.path.isfile(path):
+            print(f"error: {path}: weights file not found", file=sys.stderr)
+            return 1
+    cfg = xhrnet_tf.load_config(args.config)
+    qat_cfg = xhrnet_tf.load_config(args.qat_config) if args.qat_config else None
+    res = compare(cfg, args.weights, qat_cfg, args.qat_weights, args.annotations, args.images,
+                  args.calibration_samples)
+    n = next(iter(res.values()))["instances"]
+    print(f"\n{n} instances; distances are to the float model's keypoints, in heatmap pixels\n")
+    print("| model | AP | AP50 | mean distance (hm px) |\n|---|---|---|---|")
+    for name, r in res.items():
+        print(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['mean_dist_hm_px']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
