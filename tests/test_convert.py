@@ -120,3 +120,28 @@ def test_x18_tflite_is_delegate_friendly():
     out = interp.get_tensor(interp.get_output_details()[0]["index"])
     ref = np.transpose(io["heatmap_fp64"], (0, 2, 3, 1))
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_x18_fp16_and_dynamic_keep_the_keypoints():
+    """Official weights: fp16 and dynamic-range models decode within 0.5 heatmap pixel of the
+    official float64 heatmaps, and XNNPACK takes the whole fp32 graph."""
+    from xhrnet_tf import codec
+    from xhrnet_tf.export import _hook
+    from xhrnet_tf.tflite_utils import xnnpack_report
+    state = read_checkpoint(shared_path(*REF, "state_dict.npz"))
+    io = np.load(shared_path(*REF, "io.npz"))
+    cfg, model = built_pose_model("x18.yaml")
+    load_official_weights(model, state, cfg)
+    x = np.transpose(io["input"], (0, 2, 3, 1))
+    ref, _ = codec.decode_heatmaps(np.transpose(io["heatmap_fp64"], (0, 2, 3, 1)))
+    for fmt in ("fp32", "fp16", "dynamic"):
+        content = to_tflite(model, batch_size=len(x), converter_hook=_hook(fmt))
+        if fmt == "fp32":
+            assert xnnpack_report(content)["whole_graph"]
+        interp = interpreter(content)
+        interp.set_tensor(interp.get_input_details()[0]["index"], x)
+        interp.invoke()
+        coords, _ = codec.decode_heatmaps(
+            interp.get_tensor(interp.get_output_details()[0]["index"]))
+        dist = np.linalg.norm(coords - ref, axis=-1)
+        assert dist.max() <= 0.5, f"{fmt}: keypoints moved up to {dist.max():.2f} hm px"
