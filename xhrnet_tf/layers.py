@@ -124,7 +124,12 @@ class SUSA(tf_keras.layers.Layer):
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         c32 = tf.cast(centred, tf.float32)
         var = fq("var", tf.reduce_mean(fq("square", c32 * c32), axis=-1, keepdims=True))
-        rstd = fq("rsqrt", tf.math.rsqrt(fq("var_eps", var + self.epsilon)))
+        var_eps = fq("var_eps", var + self.epsilon)
+        if self.fake_quant:
+            # A quantised var + eps can round to 0; int8 RSQRT saturates there, but float
+            # rsqrt(0) is inf and its gradient NaN, which would wreck QAT's weights.
+            var_eps = tf.maximum(var_eps, self.epsilon)
+        rstd = fq("rsqrt", tf.math.rsqrt(var_eps))
         normed = fq("normed", c32 * rstd)
         v = fq("ln", fq("scaled", normed * tf.cast(self.ln_gamma, tf.float32))
                + tf.cast(self.ln_beta, tf.float32))

@@ -372,8 +372,9 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
                 from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
                 name, hook = "model_qat_int8.tflite", int8_hook()
             path = os.path.join(model_dir, name)
+            content = to_tflite(model, converter_hook=hook)  # no half-written file on failure
             with open(path, "wb") as f:
-                f.write(to_tflite(model, converter_hook=hook))
+                f.write(content)
             result["tflite"] = path
             print(f"saved {path}")
     return result
