@@ -127,3 +127,19 @@ def test_qat_bad_starts(tiny_data, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     res = run_train(str(path), tmp_path / "run")
     assert res.returncode != 0 and "exclude each other" in res.stderr
+
+
+def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
+    from xhrnet_tf.config import config_from_dict, replace
+    from xhrnet_tf.tools import int8_accuracy
+    _, raw = tiny_data
+    cfg = replace(config_from_dict(raw), {"data.train_tfrecords": ""})  # calibrate: synthetic
+    model = xhrnet_tf.build_pose_model(cfg)
+    randomise_weights(model, seed=6, scale=0.2)
+    model.save_weights(str(tmp_path / "f.weights.h5"))
+    res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8)
+    assert set(res) == {"float (Keras)", "int8 PTQ (.tflite)"}
+    assert res["float (Keras)"]["mean_dist_hm_px"] == 0.0
+    for r in res.values():
+        assert 0.0 <= r["AP"] <= 1.0 and r["instances"] > 0
+        assert np.isfinite(r["mean_dist_hm_px"])

@@ -111,15 +111,25 @@ def run_model(model, dataset, eval_cfg, heatmap_size) -> List[dict]:
     for images, meta in dataset:
         hm = predict_heatmaps(lambda x: predict(tf.constant(x)).numpy(), images.numpy(),
                               eval_cfg.flip_test, eval_cfg.shift_heatmap)
-        coords, vals = codec.decode_heatmaps(hm, eval_cfg.post_process)
-        meta = {k: v.numpy() for k, v in meta.items()}
-        for i in range(len(coords)):
-            m = {k: meta[k][i] for k in ("center", "scale", "score", "image_id")}
-            coords_all.append(codec.heatmap_to_image(coords[i], m["center"], m["scale"],
-                                                     heatmap_size))
-            vals_all.append(vals[i])
-            metas.append(m)
+        decoded = decode_batch(hm, {k: v.numpy() for k, v in meta.items()}, eval_cfg,
+                               heatmap_size)
+        coords_all += decoded[0]
+        vals_all += decoded[1]
+        metas += decoded[2]
     return results_from_predictions(coords_all, vals_all, metas, eval_cfg)
+
+
+def decode_batch(heatmaps, meta, eval_cfg, heatmap_size):
+    """Keypoints of a batch in image pixels, their scores, per-crop metadata, and the
+    keypoints in heatmap pixels."""
+    coords, vals = codec.decode_heatmaps(heatmaps, eval_cfg.post_process)
+    in_image, metas = [], []
+    for i in range(len(coords)):
+        m = {k: meta[k][i] for k in ("center", "scale", "score", "image_id")}
+        in_image.append(codec.heatmap_to_image(coords[i], m["center"], m["scale"],
+                                               heatmap_size))
+        metas.append(m)
+    return in_image, list(vals), metas, coords
 
 
 def evaluate_model(model, config, files: List[str], annotations: str,

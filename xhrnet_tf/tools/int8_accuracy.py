@@ -45,7 +45,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
             calibration_samples=200) -> Dict[str, Dict[str, float]]:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf import codec, evaluate, export, qat  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf import evaluate, export, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     model = xhrnet_tf.build_pose_model(cfg)
@@ -73,14 +73,12 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
         coords_all, vals_all, metas, raw = [], [], [], []
         for imgs, meta in batches:
             hm = evaluate.predict_heatmaps(fn, imgs, cfg.eval.flip_test, cfg.eval.shift_heatmap)
-            coords, vals = codec.decode_heatmaps(hm, cfg.eval.post_process)
-            for i in range(len(coords)):
-                m = {k: meta[k][i] for k in ("center", "scale", "score", "image_id")}
-                coords_all.append(codec.heatmap_to_image(coords[i], m["center"], m["scale"],
-                                                         heatmap_size))
-                vals_all.append(vals[i])
-                metas.append(m)
-                raw.append(coords[i])
+            in_image, vals, crop_meta, coords = evaluate.decode_batch(hm, meta, cfg.eval,
+                                                                      heatmap_size)
+            coords_all += in_image
+            vals_all += vals
+            metas += crop_meta
+            raw.extend(coords)
         results = evaluate.results_from_predictions(coords_all, vals_all, metas, cfg.eval)
         stats = evaluate.coco_keypoint_eval(ann, results, verbose=False)
         raw = np.stack(raw)
