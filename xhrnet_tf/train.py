@@ -280,6 +280,14 @@ def _loop(cfg, model, train_step, iterator, step, start, total, steps_per_epoch,
                 tf.summary.scalar("learning_rate", lr)
                 tf.summary.scalar("images_per_second", rate)
         if (i + 1) % cfg.train.checkpoint_every_steps == 0 or i + 1 == total:
+            # A finite loss can still leave non-finite weights behind (an inf gradient in
+            # the last update); never let those overwrite a good checkpoint.
+            if not all(bool(tf.reduce_all(tf.math.is_finite(v)))
+                       for v in model.trainable_variables):
+                raise TrainingError(
+                    f"weights became non-finite at step {i + 1}; stopped without saving. The "
+                    f"last good checkpoint ({manager.latest_checkpoint or 'none yet'}) is "
+                    "intact; lower train.learning_rate or check the data")
             manager.save(checkpoint_number=i + 1)
         epoch_end = (i + 1) % steps_per_epoch == 0
         if epoch_end and ((i + 1) // steps_per_epoch) % cfg.train.eval_every_epochs == 0 \
