@@ -5,6 +5,8 @@
   KerasTensor becomes a SlicingOpLambda that QAT cannot handle).
 * `BilinearResize`: bilinear resize with align_corners=True (SPEC 2.6), which UpSampling2D and
   tf.image.resize cannot express.
+* `NearestUpsample`, `Subsample2x`: nearest up-sampling and every-other-pixel subsampling
+  written with ops that XNNPACK takes in float and int8 (the stock layers' ops it does not).
 
 All graphs stay rank <= 4 and use no batched matmul, so TFLite GPU/NNAPI delegates accept them.
 """
