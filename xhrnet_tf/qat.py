@@ -18,6 +18,7 @@ quantize configs here:
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Dict, List, Tuple
 
 import tf_keras
@@ -37,6 +38,7 @@ def _tfmot():
     return tfmot.quantization.keras
 
 
+@functools.lru_cache(maxsize=None)
 def _config_classes():
     qk = _tfmot()
 
@@ -86,49 +88,51 @@ def _shared_add(layer) -> bool:
     return isinstance(layer, tf_keras.layers.Add) and len(layer._outbound_nodes) > 1  # pylint: disable=protected-access
 
 
+_REASONS = {
+    "susa": ("custom", "output and all internal tensors fake-quantised; kernels quantised per "
+                       "channel by the converter"),
+    "shared_add": ("custom", "sum read by more than its ReLU: output fake-quantised"),
+    "passthrough": ("passthrough", "int8 kernel keeps the input scale"),
+    "default": ("default", "tfmot 8-bit scheme (per-channel weights; conv+BN(+ReLU) "
+                           "quantised as one)"),
+}
+
+
+def _classify(layer) -> str:
+    """How QAT treats a layer: one of the keys of _REASONS."""
+    if isinstance(layer, SUSA):
+        return "susa"
+    if _shared_add(layer):
+        return "shared_add"
+    if isinstance(layer, _PASSTHROUGH + _STOCK_PASSTHROUGH):
+        return "passthrough"
+    return "default"
+
+
 def describe(model: tf_keras.Model) -> List[Tuple[str, str, str]]:
     """(layer, treatment, why) for every layer of the float model."""
-    rows = []
-    for layer in model.layers:
-        if isinstance(layer, tf_keras.layers.InputLayer):
-            continue
-        if isinstance(layer, SUSA):
-            rows.append((layer.name, "custom",
-                         "output and all internal tensors fake-quantised; kernels quantised "
-                         "per channel by the converter"))
-        elif _shared_add(layer):
-            rows.append((layer.name, "custom", "sum read by more than its ReLU: output "
-                         "fake-quantised"))
-        elif isinstance(layer, _PASSTHROUGH + _STOCK_PASSTHROUGH):
-            rows.append((layer.name, "passthrough", "int8 kernel keeps the input scale"))
-        else:
-            rows.append((layer.name, "default",
-                         "tfmot 8-bit scheme (conv+BN folded, per-channel weights)"))
-    return rows
+    return [(layer.name,) + _REASONS[_classify(layer)] for layer in model.layers
+            if not isinstance(layer, tf_keras.layers.InputLayer)]
 
 
 def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[str, str, str]]]:
     """QAT version of a float X-HRNet (its weights included) and the per-layer report."""
     qk = _tfmot()
     no_quant, out_quant = _config_classes()
-
+    configs = {"susa": out_quant, "shared_add": out_quant, "passthrough": no_quant}
     clones = {}
 
     def annotate(layer):
+        config = layer.get_config()
         if isinstance(layer, tf_keras.layers.InputLayer):
-            return layer.__class__.from_config(layer.get_config())
-        clone = layer.__class__.from_config(layer.get_config())
-        if isinstance(layer, SUSA):
-            clone = SUSA.from_config(dict(layer.get_config(), fake_quant=True))
-            config = out_quant()
-        elif _shared_add(layer):
-            config = out_quant()
-        elif isinstance(layer, _PASSTHROUGH + _STOCK_PASSTHROUGH):
-            config = no_quant()
-        else:
-            config = None
+            return layer.__class__.from_config(config)
+        kind = _classify(layer)
+        if kind == "susa":
+            config = dict(config, fake_quant=True)
+        clone = layer.__class__.from_config(config)
         clones[layer.name] = clone
-        return qk.quantize_annotate_layer(clone, config)
+        make = configs.get(kind)
+        return qk.quantize_annotate_layer(clone, make() if make else None)
 
     annotated = tf_keras.models.clone_model(model, clone_function=annotate)
     for layer in model.layers:

@@ -282,8 +282,9 @@ def _loop(cfg, model, train_step, iterator, step, start, total, steps_per_epoch,
         if (i + 1) % cfg.train.checkpoint_every_steps == 0 or i + 1 == total:
             # A finite loss can still leave non-finite weights behind (an inf gradient in
             # the last update); never let those overwrite a good checkpoint.
-            if not all(bool(tf.reduce_all(tf.math.is_finite(v)))
-                       for v in model.trainable_variables):
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                    for v in model.trainable_variables])
+            if not bool(finite):
                 raise TrainingError(
                     f"weights became non-finite at step {i + 1}; stopped without saving. The "
                     f"last good checkpoint ({manager.latest_checkpoint or 'none yet'}) is "
