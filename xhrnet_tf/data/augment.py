@@ -30,34 +30,80 @@ def affine_matrix_tf(center, scale, rotation_deg, output_size: Sequence[int]):
 
 
 def warp(image, matrix, output_size: Sequence[int]):
-    """Bilinear warp of an HWC image by a 3x3 forward matrix; outside pixels are 0.
+    """Bilinear warp of an HWC image (uint8 or float) by a 3x3 forward matrix, as
+    cv2.warpAffine with a constant 0 border; returns float32.
 
-    (TF's kernel runs about 30% faster on float32 than on uint8 input.)
+    Without rotation the map is axis-aligned, and crop_and_resize does the same sampling at
+    about twice the speed of the general kernel; eval crops and 40% of training crops take it.
     """
+    axis_aligned = tf.equal(tf.abs(matrix[0, 1]) + tf.abs(matrix[1, 0]), 0.0)
+    return tf.cond(axis_aligned, lambda: _warp_axis_aligned(image, matrix, output_size),
+                   lambda: _warp_projective(image, matrix, output_size))
+
+
+def _warp_projective(image, matrix, output_size):
+    # TF's kernel runs about 30% faster on float32 than on uint8 input.
     inv = tf.linalg.inv(matrix)
     transform = tf.reshape(inv, [9])[None, :8]  # output pixel -> input pixel
     return tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=transform,
+        images=tf.cast(image, tf.float32)[None], transforms=transform,
         output_shape=tf.constant([output_size[1], output_size[0]], tf.int32),
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
 
 
-def decode_for_output(jpeg, center, scale, out_width: int, max_zoom: float):
-    """Decodes a crop at the coarsest JPEG scale (1, 1/2, 1/4, 1/8) that still has at least
-    one stored pixel per output pixel at `max_zoom`, and moves center/scale to match.
+def _warp_axis_aligned(image, matrix, output_size):
+    out_w, out_h = output_size
+    # A one-pixel zero frame: samples within a pixel of the edge blend with 0 as warpAffine's
+    # do (crop_and_resize would return 0 for them), farther ones are 0 in both.
+    padded = tf.pad(image, [[1, 1], [1, 1], [0, 0]])
+    size = tf.cast(tf.shape(padded)[:2] - 1, tf.float32)  # (H+1, W+1)
+    # First and last output pixel centres in the framed image: x_in + 1 = (x_out - t) / a + 1.
+    x0 = -matrix[0, 2] / matrix[0, 0] + 1.0
+    x1 = (out_w - 1.0 - matrix[0, 2]) / matrix[0, 0] + 1.0
+    y0 = -matrix[1, 2] / matrix[1, 1] + 1.0
+    y1 = (out_h - 1.0 - matrix[1, 2]) / matrix[1, 1] + 1.0
+    box = tf.stack([y0 / size[0], x0 / size[1], y1 / size[0], x1 / size[1]])
+    return tf.image.crop_and_resize(padded[None], box[None], [0], [out_h, out_w])[0]
+
+
+def jpeg_scale(jpeg, center, scale, out_width: int, max_zoom: float):
+    """Chooses the coarsest JPEG scale 1/r (r = 1, 2, 4, 8) that still has at least one stored
+    pixel per output pixel at `max_zoom`; returns (level, r, (H, W) at 1/r, center, scale)
+    with center/scale moved to the 1/r image. Reads only the JPEG header.
 
     libjpeg's DCT-domain down-scaling costs a fraction of a full decode, and large people are
     stored with far more pixels than a 256x192 input can use.
     """
     density = out_width / (scale[0] * codec.PIXEL_STD) * max_zoom  # output px per crop px
     level = tf.clip_by_value(tf.floor(-tf.math.log(density) / math.log(2.0)), 0.0, 3.0)
-    branches = [lambda r=r: tf.io.decode_jpeg(jpeg, channels=3, ratio=r,
-                                                dct_method="INTEGER_ACCURATE")
-                for r in (1, 2, 4, 8)]
-    image = tf.switch_case(tf.cast(level, tf.int32), branches)
     r = tf.pow(2.0, level)
+    dims = tf.math.ceil(tf.cast(tf.io.extract_jpeg_shape(jpeg)[:2], tf.float32) / r)
     # Pixel j of the 1/r image covers stored pixels [j*r, (j+1)*r).
-    return image, (center + 0.5) / r - 0.5, scale / r, r
+    return level, r, dims, (center + 0.5) / r - 0.5, scale / r
+
+
+def decode_window(jpeg, level, dims, matrix, output_size: Sequence[int]):
+    """Decodes, at JPEG scale level `level`, only the part of the crop that the warp by
+    `matrix` (crop -> output) samples; returns (pixels, matrix from those pixels to output).
+
+    Rows below and columns beside the window skip libjpeg's IDCT and colour conversion: the
+    stored crop leaves room for any rotation, so a typical warp reads a third of it.
+    """
+    w, h = float(output_size[0]), float(output_size[1])
+    corners = tf.constant([[0.0, 0.0, 1.0], [w - 1, 0.0, 1.0], [0.0, h - 1, 1.0],
+                           [w - 1, h - 1, 1.0]])
+    src = tf.linalg.matmul(corners, tf.linalg.inv(matrix), transpose_b=True)[:, :2]
+    hi = tf.stack([dims[1], dims[0]]) - 1.0
+    lo_xy = tf.clip_by_value(tf.floor(tf.reduce_min(src, 0)) - 1.0, 0.0, hi)
+    hi_xy = tf.clip_by_value(tf.floor(tf.reduce_max(src, 0)) + 2.0, lo_xy, hi)  # bilinear +1
+    window = tf.cast(tf.stack([lo_xy[1], lo_xy[0], hi_xy[1] - lo_xy[1] + 1,
+                               hi_xy[0] - lo_xy[0] + 1]), tf.int32)
+    branches = [lambda r=r: tf.image.decode_and_crop_jpeg(
+        jpeg, window, channels=3, ratio=r, dct_method="INTEGER_ACCURATE") for r in (1, 2, 4, 8)]
+    image = tf.switch_case(tf.cast(level, tf.int32), branches)
+    shift = tf.stack([tf.stack([1.0, 0.0, lo_xy[0]]), tf.stack([0.0, 1.0, lo_xy[1]]),
+                      tf.constant([0.0, 0.0, 1.0])])
+    return image, matrix @ shift
 
 
 def _half_body_box(joints, visible, seed, aspect_ratio: float):
@@ -89,9 +135,9 @@ def train_transform(ex, index, data_cfg, image_size, heatmap_size, seed: int):
         tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)]), 6)
     # Zoom-in reaches 1/(1 - scale_factor); half-body boxes may zoom further and then sample
     # a slightly coarser image, which the augmentation's own blur dwarfs.
-    image, center, scale, r = decode_for_output(ex["jpeg"], ex["crop_center"], ex["crop_scale"],
-                                                image_size[0], 1.0 / (1.0 - data_cfg.scale_factor))
-    crop_w = tf.cast(tf.shape(image)[1], tf.float32)
+    level, r, dims, center, scale = jpeg_scale(ex["jpeg"], ex["crop_center"], ex["crop_scale"],
+                                               image_size[0], 1.0 / (1.0 - data_cfg.scale_factor))
+    crop_w = dims[1]
     joints, visible = (ex["joints"] + 0.5) / r - 0.5, ex["visible"]
 
     flip = tf.random.stateless_uniform([], seeds[0]) < data_cfg.flip_prob
@@ -120,7 +166,8 @@ def train_transform(ex, index, data_cfg, image_size, heatmap_size, seed: int):
     flip_m = tf.stack([tf.stack([tf.where(flip, -1.0, 1.0), 0.0,
                                  tf.where(flip, crop_w - 1.0, 0.0)]),
                        tf.constant([0.0, 1.0, 0.0]), tf.constant([0.0, 0.0, 1.0])])
-    out = warp(tf.cast(image, tf.float32), matrix @ flip_m, image_size)
+    image, window_matrix = decode_window(ex["jpeg"], level, dims, matrix @ flip_m, image_size)
+    out = warp(image, window_matrix, image_size)
     joints = joints @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
     return normalize(out), targets(joints, visible, image_size, heatmap_size,
                                    data_cfg.heatmap_sigma)
@@ -144,10 +191,11 @@ def targets(joints, visible, image_size, heatmap_size, sigma):
 
 def eval_transform(ex, data_cfg, image_size, heatmap_size):
     """Decoded example -> (normalised image, metadata for mapping back and scoring)."""
-    image, center, scale, r = decode_for_output(ex["jpeg"], ex["crop_center"], ex["crop_scale"],
-                                                image_size[0], 1.0)
+    level, r, dims, center, scale = jpeg_scale(ex["jpeg"], ex["crop_center"], ex["crop_scale"],
+                                               image_size[0], 1.0)
     matrix = affine_matrix_tf(center, scale, 0.0, image_size)
-    out = warp(tf.cast(image, tf.float32), matrix, image_size)
+    image, window_matrix = decode_window(ex["jpeg"], level, dims, matrix, image_size)
+    out = warp(image, window_matrix, image_size)
     joints = ((ex["joints"] + 0.5) / r - 0.5) @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
     meta = {k: ex[k] for k in ("center", "scale", "bbox", "area", "score", "image_id", "ann_id")}
     meta.update(targets(joints, ex["visible"], image_size, heatmap_size, data_cfg.heatmap_sigma))

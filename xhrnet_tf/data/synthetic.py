@@ -4,8 +4,8 @@
 
 Writes `images/{train,val}/*.jpg` and `annotations/person_keypoints_{train,val}.json` in COCO
 format. Each image holds several articulated figures with COCO's 17-joint topology (filled
-torso, limbs and head with eyes, ears and nose), in random poses, sizes, positions, rotations
-and colours, over textured noise with clutter; later figures and clutter occlude earlier ones
+torso, two-tone limbs with mannequin joint discs, and a head with eyes, ears and nose), in
+random poses, sizes, positions, rotations and colours, over textured noise with clutter; later figures and clutter occlude earlier ones
 (visibility 1) and figures may leave the frame (visibility 0). Left limbs are drawn darker
 than right ones, so left and right can be told apart, as they can on real people.
 """
@@ -63,6 +63,7 @@ def skeleton(rng: np.random.Generator, height: float) -> np.ndarray:
 def _draw_figure(canvas, mask, joints, h, colors):
     """Draws one figure on `canvas` and marks its pixels in `mask`."""
     torso_c, left_c, right_c, skin = colors
+    joint_c = tuple(255 - v for v in torso_c)
     pts = lambda idx: np.round(joints[list(idx)]).astype(np.int32)  # noqa: E731
     width = max(2, int(0.06 * h))
     for target, value in ((canvas, None), (mask, 255)):
@@ -70,8 +71,13 @@ def _draw_figure(canvas, mask, joints, h, colors):
         cv2.fillConvexPoly(target, pts((5, 6, 12, 11)), col(torso_c))
         for a, b in LIMBS:
             c = left_c if a % 2 == 1 else right_c
+            if a in (7, 8, 13, 14):  # forearm and shin a shade lighter than the upper segment
+                c = tuple(min(255, int(v * 1.25) + 25) for v in c)
             p, q = pts((a, b))
             cv2.line(target, tuple(map(int, p)), tuple(map(int, q)), col(c), width)
+        for k in range(5, 17):  # a mannequin's joint discs: each joint has local evidence
+            cv2.circle(target, tuple(map(int, pts((k,))[0])), max(2, int(0.04 * h)),
+                       col(joint_c), -1)
         neck = np.round((joints[5] + joints[6]) / 2).astype(int)
         head = np.round((joints[3] + joints[4]) / 2).astype(int)
         cv2.line(target, tuple(map(int, neck)), tuple(map(int, head)), col(skin), width)
