@@ -130,7 +130,7 @@ def test_x18_fp16_and_dynamic_keep_the_keypoints(tmp_path):
     from xhrnet_tf import codec
     from xhrnet_tf.data import pipeline
     from xhrnet_tf.data.create_tfrecords import create_tfrecords
-    from xhrnet_tf.export import _hook
+    from xhrnet_tf.export import format_hook
     from xhrnet_tf.tflite_utils import xnnpack_report
     root = shared_path("data", "pose_minicoco")
     state = read_checkpoint(shared_path(*REF, "state_dict.npz"))
@@ -147,7 +147,7 @@ def test_x18_fp16_and_dynamic_keep_the_keypoints(tmp_path):
     clear = _clear_peaks(heat)
     assert clear.mean() > 0.5
     for fmt in ("fp32", "fp16", "dynamic"):
-        content = to_tflite(model, converter_hook=_hook(fmt))
+        content = to_tflite(model, converter_hook=format_hook(fmt))
         if fmt == "fp32":
             assert xnnpack_report(content)["whole_graph"]
         interp = interpreter(content)

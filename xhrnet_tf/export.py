@@ -101,7 +101,9 @@ def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> 
     return images
 
 
-def _int8_hook(images: Iterable[np.ndarray], io_type: str):
+def ptq_int8_hook(images: Iterable[np.ndarray], io_type: str):
+    """Converter settings for full-integer post-training quantisation calibrated on `images`;
+    `io_type` float, int8 or uint8 is the type of the model's input and output."""
     def hook(converter):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([img] for img in images)
@@ -113,7 +115,8 @@ def _int8_hook(images: Iterable[np.ndarray], io_type: str):
     return hook
 
 
-def _hook(fmt: str):
+def format_hook(fmt: str):
+    """Converter settings for fp32 (None), fp16 or dynamic-range weights."""
     def hook(converter):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if fmt == "fp16":
@@ -166,7 +169,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     files = {"saved_model": "saved_model"}
     save_saved_model(model, os.path.join(output_dir, "saved_model"))
     for fmt in formats:
-        hook = _int8_hook(calib, int8_io) if fmt == "int8" else _hook(fmt)
+        hook = ptq_int8_hook(calib, int8_io) if fmt == "int8" else format_hook(fmt)
         if fmt == "qat":
             from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
             hook = int8_hook(int8_io)

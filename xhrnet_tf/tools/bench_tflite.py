@@ -57,14 +57,14 @@ def build_models(configs: List[str]) -> Dict[str, object]:
 
 
 def convert(model, fmt: str) -> bytes:
-    from xhrnet_tf.export import _hook, _int8_hook  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.export import format_hook, ptq_int8_hook  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     if fmt == "int8":
         rng = np.random.default_rng(0)
         shape = (1,) + tuple(model.input_shape[1:])
         images = [rng.normal(size=shape).astype(np.float32) for _ in range(8)]
-        return to_tflite(model, converter_hook=_int8_hook(images, "float"))
-    return to_tflite(model, converter_hook=_hook(fmt))
+        return to_tflite(model, converter_hook=ptq_int8_hook(images, "float"))
+    return to_tflite(model, converter_hook=format_hook(fmt))
 
 
 def time_round_robin(contents: Dict[str, bytes], threads: int, runs: int,

@@ -56,7 +56,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     keras_fn = tf.function(lambda x: model(x, training=False))
     variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
                 "int8 PTQ (.tflite)": _tflite_predict(
-                    to_tflite(model, converter_hook=export._int8_hook(calib, "float")))}  # pylint: disable=protected-access
+                    to_tflite(model, converter_hook=export.ptq_int8_hook(calib, "float")))}
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg))
         qmodel.load_weights(qat_weights)
