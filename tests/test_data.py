@@ -86,7 +86,8 @@ def test_compiled_warp_matches_the_general_kernel(rot, flip, scale):
                                                  rot, (192, 256)), [0, 0, 1]]).astype(np.float32)
     if flip:
         m = m @ np.array([[-1, 0, 259], [0, 1, 0], [0, 0, 1]], np.float32)
-    general = augment._warp_projective(tf.constant(img), tf.constant(m), (192, 256)).numpy()  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    general = augment._warp_projective(tf.constant(img), tf.constant(m), (192, 256)).numpy()
     ours = augment.warp(tf.constant(img), tf.constant(m), (192, 256)).numpy()
     assert np.abs(ours - general).max() < 0.05  # edges included: both blend with the 0 border
     ref = cv2.warpAffine(img, m[:2], (192, 256), flags=cv2.INTER_LINEAR)

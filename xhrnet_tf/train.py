@@ -150,7 +150,8 @@ def build_training_state(cfg: Config, strategy, steps_per_epoch: int, num_replic
         # The legacy Adam updates each variable with one fused ResourceApplyAdam op (same
         # arithmetic); the new one emits ~30 ops per variable: 40k extra ops for X-HRNet, which
         # halves the time to trace and start the training step.
-        optimizer = tf_keras.optimizers.legacy.Adam(schedule, beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+        optimizer = tf_keras.optimizers.legacy.Adam(schedule, beta_1=0.9, beta_2=0.999,
+                                                    epsilon=1e-8)
         if policy == "mixed_float16":
             optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")

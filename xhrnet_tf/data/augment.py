@@ -1,9 +1,10 @@
 """In-graph top-down transforms (SPEC 13), the parser half of the pipeline.
 
 Random flip, half-body, scale and rotation only change the affine transform from crop to
-network input, so the image is resampled once, by one bilinear warp (ImageProjectiveTransformV3,
-the same sampling as cv2.warpAffine). Randomness is stateless and keyed by (seed, sample index),
-so a sample is augmented the same way whatever the parallelism.
+network input, so the image is resampled once, by one bilinear warp with the same sampling as
+cv2.warpAffine (`warp`), from only the part of the JPEG crop it reads (`decode_window`).
+Randomness is stateless and keyed by (seed, sample index), so a sample is augmented the same
+way whatever the parallelism.
 """
 from __future__ import annotations
 
@@ -124,8 +125,9 @@ def decode_window(jpeg, level, dims, matrix, output_size: Sequence[int]):
     """Decodes, at JPEG scale level `level`, only the part of the crop that the warp by
     `matrix` (crop -> output) samples; returns (pixels, matrix from those pixels to output).
 
-    Rows below and columns beside the window skip libjpeg's IDCT and colour conversion: the
-    stored crop leaves room for any rotation, so a typical warp reads a third of it.
+    The stored crop leaves room for any rotation and zoom, so a typical warp reads a third of
+    it; libjpeg stops after the window's last row and skips the IDCT beside it (measured: a
+    quarter window decodes ~20% faster than the whole crop; entropy decoding still runs).
     """
     w, h = float(output_size[0]), float(output_size[1])
     corners = tf.constant([[0.0, 0.0, 1.0], [w - 1, 0.0, 1.0], [0.0, h - 1, 1.0],
