@@ -166,3 +166,21 @@ def test_export_bad_input(exported, tmp_path, capsys):
                         str(tmp_path / "none.h5"), "--output_dir", str(tmp_path / "o")]) == 1
     assert "error: --weights" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "model_fp32.tflite")
+
+
+@pytest.mark.slow
+def test_bench_tflite_times_every_model_and_computes_ratios_from_them(capsys):
+    from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
+    res = bench_tflite.run(["x18"], ["fp32"], [1], runs=3)
+    assert {(r["model"], r["format"]) for r in res["rows"]} == {
+        ("x18", "fp32"), ("wnl18", "fp32"), ("mnv2_sb", "fp32")}
+    assert all(r["xnnpack_partitions"] == 1 for r in res["rows"])
+    lat = res["latency"]
+    assert all(median > 0 and p90 >= median for median, p90 in lat.values())
+    by_label = {r["ratio"]: r for r in bench_tflite.ratios(res)}
+    mnv2 = by_label["x18 fp32 / mnv2_sb fp32 @1t"]
+    assert mnv2["value"] == pytest.approx(lat[("x18", "fp32", 1)][0] /
+                                          lat[("mnv2_sb", "fp32", 1)][0])
+    assert mnv2["met"] == (mnv2["value"] <= 0.17)
+    bench_tflite.print_report(res)
+    assert "x18 fp32 / mnv2_sb fp32 @1t" in capsys.readouterr().out
