@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO, TINY_MODEL, run_train as _run
 from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
 from xhrnet_tf.layers import NearestUpsample
-from xhrnet_tf.train import WarmupStepDecay, joints_mse
+from xhrnet_tf.train import WarmupStepDecay, cpu_graph_options, joints_mse
 
 
 
@@ -39,6 +39,16 @@ def test_joints_mse_matches_definition():
     ref = np.mean([np.mean(((pred[..., k] - gt[..., k]) * w[:, None, None, k]) ** 2)
                    for k in range(17)])
     assert float(tf.reduce_mean(joints_mse(pred, gt, w))) == pytest.approx(ref)
+
+
+def test_grappler_is_off_only_inside_the_cpu_training_loop():
+    def grappler_off():
+        return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer",
+                                                                   False)
+    before = grappler_off()
+    with cpu_graph_options():
+        assert grappler_off() == (not tf.config.list_logical_devices("GPU"))
+    assert grappler_off() == before
 
 
 def test_nearest_upsample_matches_upsampling2d_and_its_gradient():

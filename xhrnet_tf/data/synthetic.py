@@ -5,9 +5,10 @@
 Writes `images/{train,val}/*.jpg` and `annotations/person_keypoints_{train,val}.json` in COCO
 format. Each image holds several articulated figures with COCO's 17-joint topology (filled
 torso, two-tone limbs with mannequin joint discs, and a head with eyes, ears and nose), in
-random poses, sizes, positions, rotations and colours, over textured noise with clutter; later figures and clutter occlude earlier ones
-(visibility 1) and figures may leave the frame (visibility 0). Left limbs are drawn darker
-than right ones, so left and right can be told apart, as they can on real people.
+random poses, sizes, positions, rotations and colours, over textured noise with clutter;
+later figures and clutter occlude earlier ones (visibility 1) and figures may leave the frame
+(visibility 0). Left limbs are drawn darker than right ones, so left and right can be told
+apart, as they can on real people.
 """
 from __future__ import annotations
 
