@@ -107,16 +107,24 @@ def run_model(model, dataset, eval_cfg, heatmap_size) -> List[dict]:
     """COCO keypoint results of `model` on an evaluation dataset of (image, metadata)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     predict = tf.function(lambda x: model(x, training=False))
-    coords_all, vals_all, metas = [], [], []
-    for images, meta in dataset:
-        hm = predict_heatmaps(lambda x: predict(tf.constant(x)).numpy(), images.numpy(),
-                              eval_cfg.flip_test, eval_cfg.shift_heatmap)
-        decoded = decode_batch(hm, {k: v.numpy() for k, v in meta.items()}, eval_cfg,
-                               heatmap_size)
-        coords_all += decoded[0]
-        vals_all += decoded[1]
-        metas += decoded[2]
-    return results_from_predictions(coords_all, vals_all, metas, eval_cfg)
+    batches = ((images.numpy(), {k: v.numpy() for k, v in meta.items()})
+               for images, meta in dataset)
+    return predict_results(lambda x: predict(tf.constant(x)).numpy(), batches, eval_cfg,
+                           heatmap_size)[0]
+
+
+def predict_results(predict_fn, batches, eval_cfg, heatmap_size):
+    """COCO keypoint results of `predict_fn` (NumPy crops -> heatmaps: Keras or TFLite) over
+    NumPy (images, metadata) batches, and every crop's keypoints in heatmap pixels."""
+    coords_all, vals_all, metas, raw = [], [], [], []
+    for images, meta in batches:
+        hm = predict_heatmaps(predict_fn, images, eval_cfg.flip_test, eval_cfg.shift_heatmap)
+        in_image, vals, crop_meta, coords = decode_batch(hm, meta, eval_cfg, heatmap_size)
+        coords_all += in_image
+        vals_all += vals
+        metas += crop_meta
+        raw.extend(coords)
+    return results_from_predictions(coords_all, vals_all, metas, eval_cfg), raw
 
 
 def decode_batch(heatmaps, meta, eval_cfg, heatmap_size):

@@ -70,16 +70,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     _, heatmap_size = pipeline.input_sizes(cfg)
     out, ref = {}, None
     for name, fn in variants.items():
-        coords_all, vals_all, metas, raw = [], [], [], []
-        for imgs, meta in batches:
-            hm = evaluate.predict_heatmaps(fn, imgs, cfg.eval.flip_test, cfg.eval.shift_heatmap)
-            in_image, vals, crop_meta, coords = evaluate.decode_batch(hm, meta, cfg.eval,
-                                                                      heatmap_size)
-            coords_all += in_image
-            vals_all += vals
-            metas += crop_meta
-            raw.extend(coords)
-        results = evaluate.results_from_predictions(coords_all, vals_all, metas, cfg.eval)
+        results, raw = evaluate.predict_results(fn, batches, cfg.eval, heatmap_size)
         stats = evaluate.coco_keypoint_eval(ann, results, verbose=False)
         raw = np.stack(raw)
         ref = raw if ref is None else ref
