@@ -222,6 +222,29 @@ def test_mixed_precision_step_runs():
     assert ModelConfig  # the config dataclass stays importable alongside training code
 
 
+def test_xla_gradients_match_the_plain_ones(capfd):
+    """jit_compile is the GPU path; on CPU it must compute the same step (and say it is slow)."""
+    from xhrnet_tf.train import build_training_state, make_loss_and_grads
+    raw = {"model": TINY_MODEL, "train": {"global_batch_size": 2}}
+    model, opt, _, _, _ = build_training_state(config_from_dict(raw),
+                                               tf.distribute.get_strategy(), 10, 1)
+    rng = np.random.default_rng(3)
+    images = tf.constant(rng.normal(size=(2, 64, 64, 3)), tf.float32)
+    targets = {"heatmaps": tf.constant(rng.random((2, 16, 16, 17)), tf.float32),
+               "target_weights": tf.ones((2, 17))}
+    loss, grads = make_loss_and_grads(config_from_dict(raw), model, opt)(images, targets)
+    raw["train"]["jit_compile"] = True
+    xla_loss, xla_grads = make_loss_and_grads(config_from_dict(raw), model, opt)(images, targets)
+    assert float(xla_loss) == pytest.approx(float(loss), rel=1e-5)
+    assert len(xla_grads) == len(grads) == len(model.trainable_variables)
+    for g, x, v in zip(grads, xla_grads, model.trainable_variables):
+        scale = float(tf.reduce_max(tf.abs(g)))
+        np.testing.assert_allclose(x.numpy(), g.numpy(), rtol=1e-3, atol=1e-4 * scale + 1e-9,
+                                   err_msg=v.name)
+    if not tf.config.list_logical_devices("GPU"):
+        assert "train.jit_compile on a CPU" in capfd.readouterr().err
+
+
 @pytest.mark.slow
 def test_overfits_real_coco_sample(tmp_path):
     """X-HRNet-18 on the pose_minicoco train crops: AP >= 0.8 on the same images (flip test).
