@@ -129,7 +129,7 @@ def test_full_size_models_are_delegate_friendly(config_name):
     images = [np.random.default_rng(i).normal(size=(1, h, w, 3)).astype(np.float32)
               for i in range(4)]
     fp32 = to_tflite(model)
-    int8 = to_tflite(model, converter_hook=export._int8_hook(images, "float"))
+    int8 = to_tflite(model, converter_hook=export.ptq_int8_hook(images, "float"))
     _check_delegate_friendly(fp32, f"{config_name} fp32")
     _check_delegate_friendly(int8, f"{config_name} int8")
     _check_int8_integer_inside(int8, f"{config_name} int8")

@@ -7,7 +7,9 @@
   heatmaps, keypoints in input pixels, scores); `tflite_convert --saved_model_dir` works on it.
 * `model_<format>.tflite`: fp32; fp16 weights; dynamic-range int8 weights; full-integer int8
   (post-training quantisation calibrated on person crops from `--tfrecords`, or from the
-  synthetic data set when none are given), with float, int8 or uint8 input/output.
+  synthetic data set when none are given), with float, int8 or uint8 input/output. Before
+  int8 calibration the weights are equalised (`xhrnet_tf.equalize`, same function) so that
+  the one channel per branch that no unit ever rescales does not eat the int8 range.
 * `model_qat_int8.tflite` (`--formats qat`, weights of a `train.qat: true` run): full-integer
   int8 with every range learned in quantization-aware training, no calibration.
 * `model.json`: input size and normalisation, keypoint names, flip pairs, skeleton, files.
@@ -115,6 +117,20 @@ def ptq_int8_hook(images: Iterable[np.ndarray], io_type: str):
     return hook
 
 
+def equalized_copy(config: Config, model, images: List[np.ndarray]):
+    """A copy of `model` with X-HRNet's outlier channels rescaled for int8 (same function).
+
+    See `xhrnet_tf.equalize`: without it, channel 0 of each branch, which no shuffle unit
+    ever transforms, dominates its tensor's int8 range. Returns (copy, scales).
+    """
+    from xhrnet_tf import build_pose_model, equalize  # pylint: disable=import-outside-toplevel
+    copy = build_pose_model(config, input_size=model.input_shape[1:3])
+    copy.set_weights(model.get_weights())
+    model_cfg = config.model if isinstance(config, Config) else config
+    scales, _ = equalize.equalize(copy, model_cfg, images[:64])
+    return copy, scales
+
+
 def format_hook(fmt: str):
     """Converter settings for fp32 (None), fp16 or dynamic-range weights."""
     def hook(converter):
@@ -142,7 +158,7 @@ def sidecar(config: Config, files: dict) -> dict:
 
 def export(config: Config, weights: str, output_dir: str, formats: List[str],
            tfrecords: Optional[str] = None, int8_io: str = "float",
-           calibration_samples: int = 200) -> dict:
+           calibration_samples: int = 200, equalize: bool = True) -> dict:
     from xhrnet_tf import build_pose_model  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     unknown = sorted(set(formats) - set(FORMATS))
@@ -169,13 +185,19 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     files = {"saved_model": "saved_model"}
     save_saved_model(model, os.path.join(output_dir, "saved_model"))
     for fmt in formats:
-        hook = ptq_int8_hook(calib, int8_io) if fmt == "int8" else format_hook(fmt)
+        hook, source = format_hook(fmt), model
+        if fmt == "int8":
+            hook = ptq_int8_hook(calib, int8_io)
+            if equalize:
+                source, scales = equalized_copy(config, model, calib)
+                print("int8: channel-0 equalisation scales " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in scales.items()))
         if fmt == "qat":
             from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
             hook = int8_hook(int8_io)
         name = f"model_{fmt}.tflite" if fmt != "qat" else "model_qat_int8.tflite"
         with open(os.path.join(output_dir, name), "wb") as f:
-            f.write(to_tflite(model, converter_hook=hook))
+            f.write(to_tflite(source, converter_hook=hook))
         files[fmt] = name
     with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
         json.dump(sidecar(config, files), f, indent=1)
@@ -192,13 +214,16 @@ def main(argv=None) -> int:
     p.add_argument("--tfrecords", help="glob of person-crop TFRecords for int8 calibration")
     p.add_argument("--int8_io", default="float", choices=["float", "int8", "uint8"])
     p.add_argument("--calibration_samples", type=int, default=200)
+    p.add_argument("--no_equalize", action="store_true",
+                   help="int8: skip the channel-0 equalisation (for comparison only)")
     args = p.parse_args(argv)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     try:
         cfg = xhrnet_tf.load_config(args.config)
         files = export(cfg, args.weights, args.output_dir,
                        [f.strip() for f in args.formats.split(",") if f.strip()],
-                       args.tfrecords, args.int8_io, args.calibration_samples)
+                       args.tfrecords, args.int8_io, args.calibration_samples,
+                       equalize=not args.no_equalize)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

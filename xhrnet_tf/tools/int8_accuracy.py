@@ -54,9 +54,12 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
         cfg.data.train_tfrecords or "/nonexistent") else None
     calib = export.calibration_images(cfg, calib_glob, calibration_samples)
     keras_fn = tf.function(lambda x: model(x, training=False))
+    hook = export.ptq_int8_hook(calib, "float")
+    equalized, _ = export.equalized_copy(cfg, model, calib)
     variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
-                "int8 PTQ (.tflite)": _tflite_predict(
-                    to_tflite(model, converter_hook=export.ptq_int8_hook(calib, "float")))}
+                "int8 PTQ, not equalised (.tflite)": _tflite_predict(
+                    to_tflite(model, converter_hook=hook)),
+                "int8 PTQ (.tflite)": _tflite_predict(to_tflite(equalized, converter_hook=hook))}
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg))
         qmodel.load_weights(qat_weights)
