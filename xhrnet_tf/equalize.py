@@ -11,8 +11,8 @@ The fix changes no function: divide channel 0 of a branch tensor by s where it i
 (the BN after each conv that writes it) and multiply the weights that read it by s (the
 depthwise or 1x1 kernels of the fuse paths, transitions and head). ReLU, up/down-sampling and
 the passthrough halves commute with a positive per-channel scale, and no shuffle unit reads
-channel 0. Scales are chosen on calibration images so that channel 0 is no larger than the
-largest other channel. This is data-free-quantisation-style cross-layer equalisation
+channel 0. Scales are chosen on calibration images so that channel 0 peaks as high as the
+largest other channel, no higher. This is data-free-quantisation-style cross-layer equalisation
 (Nagel et al., 2019) specialised to where X-HRNet needs it.
 """
 from __future__ import annotations
@@ -125,6 +125,12 @@ def choose_scales(model, segs: List[Segment], images) -> Dict[str, float]:
         if ch0 > 0 and others > 0:  # a dead channel 0 keeps its scale
             scales[name] = max(scales.get(name, 0.0), ch0 / others)
     return scales
+
+
+def summary(scales: Dict[str, float]) -> str:
+    """One log line: the factor channel 0 of each branch tensor was divided by."""
+    return "channel-0 equalisation scales " + ", ".join(f"{k} {v:.2f}"
+                                                        for k, v in scales.items())
 
 
 def equalize(model, model_cfg: ModelConfig, images) -> Tuple[Dict[str, float], List[Segment]]:

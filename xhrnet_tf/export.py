@@ -189,9 +189,9 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
         if fmt == "int8":
             hook = ptq_int8_hook(calib, int8_io)
             if equalize:
+                from xhrnet_tf.equalize import summary  # pylint: disable=import-outside-toplevel
                 source, scales = equalized_copy(config, model, calib)
-                print("int8: channel-0 equalisation scales " +
-                      ", ".join(f"{k} {v:.2f}" for k, v in scales.items()))
+                print("int8: " + summary(scales))
         if fmt == "qat":
             from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
             hook = int8_hook(int8_io)

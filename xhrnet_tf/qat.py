@@ -177,7 +177,7 @@ def equalize_for_int8(model, cfg) -> Dict[str, float]:
     """Channel-0 equalisation (xhrnet_tf.equalize) of the float model QAT starts from.
 
     Same function, but the outlier channel no longer sets the int8 ranges QAT begins with;
-    on the quickstart model that alone lifts int8 PTQ from AP 0.02 to 0.14. Calibrated on
+    on the quickstart model that alone lifts int8 PTQ from AP 0.02 to 0.12. Calibrated on
     the training TFRecords (or the synthetic set when there are none).
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -186,7 +186,6 @@ def equalize_for_int8(model, cfg) -> Dict[str, float]:
     tfrecords = pattern if pattern and tf.io.gfile.glob(pattern) else None
     images = export.calibration_images(cfg, tfrecords, 64)
     scales, _ = equalize.equalize(model, cfg.model, images)
-    print("QAT: channel-0 equalisation scales " +
-          ", ".join(f"{k} {v:.2f}" for k, v in scales.items()))
+    print("QAT: " + equalize.summary(scales))
     return scales
 
