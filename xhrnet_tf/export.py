@@ -103,6 +103,13 @@ def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> 
     return images
 
 
+def training_calibration_images(config: Config, count: int) -> List[np.ndarray]:
+    """Calibration crops from the config's training TFRecords, or synthetic ones if absent."""
+    pattern = config.data.train_tfrecords
+    return calibration_images(config, pattern if pattern and tf.io.gfile.glob(pattern) else None,
+                              count)
+
+
 def ptq_int8_hook(images: Iterable[np.ndarray], io_type: str):
     """Converter settings for full-integer post-training quantisation calibrated on `images`;
     `io_type` float, int8 or uint8 is the type of the model's input and output."""

@@ -180,11 +180,8 @@ def equalize_for_int8(model, cfg) -> Dict[str, float]:
     on the quickstart model that alone lifts int8 PTQ from AP 0.02 to 0.12. Calibrated on
     the training TFRecords (or the synthetic set when there are none).
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf import equalize, export  # pylint: disable=import-outside-toplevel
-    pattern = cfg.data.train_tfrecords
-    tfrecords = pattern if pattern and tf.io.gfile.glob(pattern) else None
-    images = export.calibration_images(cfg, tfrecords, 64)
+    images = export.training_calibration_images(cfg, 64)
     scales, _ = equalize.equalize(model, cfg.model, images)
     print("QAT: " + equalize.summary(scales))
     return scales

@@ -50,9 +50,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     model = xhrnet_tf.build_pose_model(cfg)
     model.load_weights(weights)
-    calib_glob = cfg.data.train_tfrecords if tf.io.gfile.glob(
-        cfg.data.train_tfrecords or "/nonexistent") else None
-    calib = export.calibration_images(cfg, calib_glob, calibration_samples)
+    calib = export.training_calibration_images(cfg, calibration_samples)
     keras_fn = tf.function(lambda x: model(x, training=False))
     hook = export.ptq_int8_hook(calib, "float")
     equalized, _ = export.equalized_copy(cfg, model, calib)
