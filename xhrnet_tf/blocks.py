@@ -18,12 +18,13 @@ BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def batch_norm(x, name: str):
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)(x)
+def batch_norm(x, name: str, momentum: float = BN_MOMENTUM):
+    return layers.BatchNormalization(momentum=momentum, epsilon=BN_EPSILON, name=name)(x)
 
 
 def conv_bn(x, filters: int, kernel: int, name: str, *, stride: int = 1,
-            depthwise: bool = False, relu: bool = False, bn: bool = True):
+            depthwise: bool = False, relu: bool = False, bn: bool = True,
+            momentum: float = BN_MOMENTUM):
     """Conv (no bias when followed by BN) -> BN -> optional ReLU.
 
     Stride-2 convs pad one pixel on all sides and convolve VALID, as PyTorch does; TF's SAME
@@ -40,7 +41,7 @@ def conv_bn(x, filters: int, kernel: int, name: str, *, stride: int = 1,
         x = layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=not bn,
                           kernel_initializer=conv_initializer(), name=name)(x)
     if bn:
-        x = batch_norm(x, f"{name}_bn")
+        x = batch_norm(x, f"{name}_bn", momentum)
     if relu:
         x = layers.ReLU(name=f"{name}_relu")(x)
     return x
@@ -147,30 +148,35 @@ def transition(inputs: List, in_channels: Sequence[int], out_channels: Sequence[
 def _dw_stride2_subsampled(x, name: str):
     """3x3 stride-2 DW conv + BN, computed as stride 1 then every other pixel.
 
-    Same numbers as PyTorch's pad-1 stride-2 conv. The transition's input also enters the
-    next stage's split/concat units, whose int8 scales TFLite ties together; a PAD on that
-    tensor (a same-scale op) then makes the converter leave PAD and DW conv in float. Without
-    the PAD the whole int8 graph stays integer, for 4x the MACs of one small layer.
+    Same numbers as PyTorch's pad-1 stride-2 conv in inference. The transition's input also
+    enters the next stage's split/concat units, whose int8 scales TFLite ties together; a PAD
+    on that tensor (a same-scale op) then makes the converter leave PAD and DW conv in float.
+    Without the PAD the whole int8 graph stays integer, for 4x the MACs of one small layer.
+    The BN sits before the subsample so that conv and BN fold, in TFLite and in QAT (tfmot
+    has no quantization for a BN that does not follow a conv). In training its batch
+    statistics therefore cover every stride-1 position, not only the stride-2 outputs the
+    official BN sees: a small difference in these three BNs' statistics, none in inference.
     """
     x = layers.DepthwiseConv2D(3, padding="same", use_bias=False,
                                depthwise_initializer=conv_initializer(), name=name)(x)
-    # BN before the subsample (they commute) so that conv+BN fold, in TFLite and in QAT.
     x = batch_norm(x, f"{name}_bn")
     return Subsample2x(name=f"{name}_subsample")(x)
 
 
-def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str):
+def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str,
+              momentum: float = BN_MOMENTUM):
     """F_ij of SPEC 5.2: up path (PW+BN+nearest upsample) or down path (DW-s2 steps)."""
     if j > i:
-        x = conv_bn(x, channels[i], 1, f"{name}_pw")
+        x = conv_bn(x, channels[i], 1, f"{name}_pw", momentum=momentum)
         factor = 2 ** (j - i)
         return NearestUpsample(factor, name=f"{name}_up")(x)
     steps = i - j
     for t in range(steps):
         last = t == steps - 1
         c_out = channels[i] if last else channels[j]
-        x = conv_bn(x, channels[j], 3, f"{name}_step{t}_dw", stride=2, depthwise=True)
-        x = conv_bn(x, c_out, 1, f"{name}_step{t}_pw", relu=not last)
+        x = conv_bn(x, channels[j], 3, f"{name}_step{t}_dw", stride=2, depthwise=True,
+                    momentum=momentum)
+        x = conv_bn(x, c_out, 1, f"{name}_step{t}_pw", relu=not last, momentum=momentum)
     return x
 
 
@@ -180,7 +186,9 @@ def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
     'official' reproduces the in-place aliasing of the official code: branch 0 enters its own
     sum twice, and the other outputs see the pre-ReLU fused branch 0 (z0) through F_i0,
     counted twice. The terms are summed in the official accumulation order, except that the
-    repeated first term comes third (see below).
+    repeated first term comes third (see below). F_i0 runs once and its output is added twice;
+    the official code runs it twice per training step, so its BNs update their running
+    statistics twice: momentum 0.9**2 here gives the same running averages (SPEC 5.3).
     'standard' is the plain HRNet sum x_i + sum_j F_ij(x_j).
     """
     n = len(xs)
@@ -188,8 +196,11 @@ def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
     for i in range(n):
         terms = []
         for j in range(n):
-            src = z0 if (fuse_mode == "official" and j == 0 and i > 0) else xs[j]
-            term = src if i == j else fuse_path(src, i, j, channels, f"{name}_fuse{i}_{j}")
+            quirk = fuse_mode == "official" and j == 0 and i > 0
+            src = z0 if quirk else xs[j]
+            momentum = BN_MOMENTUM ** 2 if quirk else BN_MOMENTUM
+            term = src if i == j else fuse_path(src, i, j, channels, f"{name}_fuse{i}_{j}",
+                                                momentum)
             terms.append(term)
         if fuse_mode == "official":
             # The first term enters twice. Added as the third term, not the second: an Add
