@@ -15,7 +15,7 @@ from xhrnet_tf.config import Config, config_from_dict, config_to_dict
 from xhrnet_tf.tflite_utils import (float_kernels, gpu_compatibility, graph_report, interpreter,
                                     to_tflite, xnnpack_report)
 
-from conftest import TINY_MODEL as TINY, config_path, randomise_weights
+from conftest import TINY_MODEL as TINY, config_path, randomise_weights, tiny_config
 
 
 FLOAT_FORMATS = ["fp32", "fp16", "dynamic", "int8"]  # "qat" takes a QAT run's weights (test_qat)
@@ -184,3 +184,15 @@ def test_bench_tflite_times_every_model_and_computes_ratios_from_them(capsys):
     assert mnv2["met"] == (mnv2["value"] <= 0.17)
     bench_tflite.print_report(res)
     assert "x18 fp32 / mnv2_sb fp32 @1t" in capsys.readouterr().out
+
+
+def test_bench_weights_keep_activations_at_a_trained_scale():
+    """bench_tflite's weights: the official init's heatmaps are ~1e-9 (int8 scales no trained
+    model has); with unit-scale weights and measured BN statistics they are of order 1."""
+    from xhrnet_tf.tools.bench_tflite import unit_scale_weights  # pylint: disable=import-outside-toplevel
+    model = xhrnet_tf.build_pose_model(tiny_config())
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    rms = lambda: float(np.sqrt(np.mean(model(x, training=False).numpy() ** 2)))  # noqa: E731
+    assert rms() < 1e-6
+    unit_scale_weights(model)
+    assert 1e-2 < rms() < 1e2

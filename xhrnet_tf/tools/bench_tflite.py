@@ -4,8 +4,11 @@
         [--threads 1,2] [--runs 40] [--json out.json]
 
 Every model is converted from random weights with the package's own converter (fixed batch 1,
-builtin ops; int8 is full-integer PTQ calibrated on random images, which sets the same kernels
-a trained model gets) and run by ai_edge_litert with its default XNNPACK delegate. The peers:
+builtin ops; int8 is full-integer PTQ calibrated on random images) and run by ai_edge_litert
+with its default XNNPACK delegate. The config-built networks get random weights with unit-scale
+activations (`unit_scale_weights`), so their int8 scales, and with them XNNPACK's int8
+partitioning, are a trained network's rather than those of the official init's vanishing
+activations. The peers:
 WNL-HRNet-18 (`configs/wnl18.yaml`, the naive 1x1-conv network the paper beats) and a
 MobileNetV2 SimpleBaseline at 256x192 (the paper's MobileNetV2 row). Within one thread count
 the models run round-robin, one invoke each per round, so drift of this shared machine hits all
@@ -43,6 +46,35 @@ def mobilenetv2_simplebaseline(input_size=(256, 192)):
     return tf_keras.Model(backbone.input, x, name="mobilenetv2_simplebaseline")
 
 
+def unit_scale_weights(model, seed: int = 0) -> None:
+    """He-normal conv kernels, unit SUSA pooling weights, and BN statistics measured on a
+    random batch: every BN output has unit scale, as in a trained network.
+
+    The official init, N(0, 0.001), shrinks the activations about 1000x per conv; after a few
+    layers their int8 scales are ~1e-9, and XNNPACK refuses int8 MULs whose scale ratios fall
+    outside its range (measured: 96 more ops left out of x18's int8 partitions), a partitioning
+    no trained model has. Timing in float does not depend on the values.
+    """
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        leaf, shape = v.name.split("/")[-1], tuple(v.shape)
+        if leaf.startswith(("kernel", "depthwise_kernel")) and len(shape) == 4:
+            fan_in = shape[0] * shape[1] * (1 if leaf.startswith("depthwise") else shape[2])
+            v.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
+        elif leaf.startswith("conv_kernel"):  # SUSA's 1x1 conv on the pooled vectors
+            v.assign(rng.normal(0.0, np.sqrt(1.0 / shape[2]), shape).astype(np.float32))
+        elif leaf.startswith("mean_kernel"):
+            v.assign(np.ones(shape, np.float32))
+    bns = [l for l in model.layers if isinstance(l, tf_keras.layers.BatchNormalization)]
+    momenta = [l.momentum for l in bns]
+    for layer in bns:  # one training-mode pass stores each BN's batch statistics
+        layer.momentum = 0.0
+    model(rng.normal(size=(4,) + tuple(model.input_shape[1:])).astype(np.float32), training=True)
+    for layer, m in zip(bns, momenta):
+        layer.momentum = m
+
+
 def build_models(configs: List[str]) -> Dict[str, object]:
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -52,6 +84,7 @@ def build_models(configs: List[str]) -> Dict[str, object]:
         path = name if name.endswith(".yaml") else os.path.join(root, f"{name}.yaml")
         key = os.path.splitext(os.path.basename(path))[0]
         models[key] = xhrnet_tf.build_pose_model(xhrnet_tf.load_config(path))
+        unit_scale_weights(models[key])
     models[PEER_MNV2] = mobilenetv2_simplebaseline()
     return models
 
