@@ -82,3 +82,20 @@ def test_rescoring_uses_confident_keypoints_and_box_score():
               "image_id": 3}]
     res = evaluate.results_from_predictions(coords, vals, metas, EvalConfig())
     assert res[0]["score"] == pytest.approx(0.9 * 0.5)
+
+
+def test_periodic_evaluation_traces_the_model_once():
+    """Training evaluates every few epochs: the inference function is traced once per model
+    (plus one batch-size relaxation for the last, smaller batch), not at every evaluation."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+    model = xhrnet_tf.build_pose_model(tiny_config())
+    n = 7
+    meta = {"center": np.full((n, 2), 32.0, np.float32), "scale": np.ones((n, 2), np.float32),
+            "score": np.ones((n,), np.float32), "image_id": np.arange(n, dtype=np.int64)}
+    ds = tf.data.Dataset.from_tensor_slices((np.zeros((n, 64, 64, 3), np.float32), meta))
+    for _ in range(3):
+        results = evaluate.run_model(model, ds.batch(4), EvalConfig(), (16, 16))
+        assert len(results) == n
+    assert evaluate._predict_fn(model).experimental_get_tracing_count() <= 2  # pylint: disable=protected-access

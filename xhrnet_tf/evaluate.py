@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import weakref
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -103,10 +104,23 @@ def predict_heatmaps(predict_fn, images: np.ndarray, flip_test: bool, shift: boo
     return heatmaps
 
 
+_PREDICT = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model):
+    """One inference tf.function per model, so that training's periodic evaluations trace it
+    once instead of at every evaluation; the last, smaller batch relaxes the batch size once."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    if model not in _PREDICT:
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        _PREDICT[model] = tf.function(lambda x: ref()(x, training=False), reduce_retracing=True)
+    return _PREDICT[model]
+
+
 def run_model(model, dataset, eval_cfg, heatmap_size) -> List[dict]:
     """COCO keypoint results of `model` on an evaluation dataset of (image, metadata)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    predict = tf.function(lambda x: model(x, training=False))
+    predict = _predict_fn(model)
     batches = ((images.numpy(), {k: v.numpy() for k, v in meta.items()})
                for images, meta in dataset)
     return predict_results(lambda x: predict(tf.constant(x)).numpy(), batches, eval_cfg,
