@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
 
-import numpy as np
 import tensorflow as tf
 import tf_keras
 import yaml
@@ -18,6 +16,7 @@ from xhrnet_tf import build_pose_model
 from xhrnet_tf.config import Config, config_to_dict
 from xhrnet_tf.data import pipeline
 from xhrnet_tf.recipe import WarmupStepDecay, joints_mse
+from xhrnet_tf.train_eval import periodic_eval, val_available
 
 
 class TrainingError(RuntimeError):
@@ -303,57 +302,7 @@ def _loop(cfg, model, train_step, iterator, step, start, total, steps_per_epoch,
                 and i + 1 < total:
             plain = _plain_copy(cfg, model)  # every worker takes part in reading the weights
             if chief:
-                _periodic_eval(cfg, plain, model_dir, writer, i + 1)
-
-
-def _val_available(cfg: Config) -> bool:
-    return bool(cfg.data.val_annotations and os.path.isfile(cfg.data.val_annotations)
-                and tf.io.gfile.glob(cfg.data.val_tfrecords or "/nonexistent"))
-
-
-def _periodic_eval(cfg, model, model_dir, writer, step_num, verbose=False, keep_best=True):
-    """Evaluates, logs AP and example predictions, and keeps the best weights."""
-    if not _val_available(cfg):
-        return None
-    from xhrnet_tf.evaluate import evaluate_model  # pylint: disable=import-outside-toplevel
-    files = pipeline.list_files(cfg.data.val_tfrecords, "data.val_tfrecords")
-    stats, _ = evaluate_model(model, cfg, files, cfg.data.val_annotations,
-                              os.path.join(model_dir, "val_results.json"), verbose=verbose)
-    print(f"\nstep {step_num}: val AP {stats['AP']:.4f} (AP50 {stats['AP50']:.4f})")
-    if writer:
-        with writer.as_default(step=step_num):
-            for k, v in stats.items():
-                tf.summary.scalar(f"val/{k}", v)
-            tf.summary.image("val/predictions(red)_targets(green)",
-                             _example_images(cfg, model, files), max_outputs=4)
-    best_path = os.path.join(model_dir, "best.json")
-    best = json.load(open(best_path, encoding="utf-8")) if os.path.exists(best_path) else {}
-    if keep_best and stats["AP"] > best.get("AP", -1.0):
-        model.save_weights(os.path.join(model_dir, "best.weights.h5"))
-        with open(best_path, "w", encoding="utf-8") as f:
-            json.dump({"AP": stats["AP"], "step": step_num, "stats": stats}, f, indent=1)
-    return stats
-
-
-def _example_images(cfg, model, files):
-    """A few validation inputs with predicted (red) and target (green) keypoints."""
-    import cv2  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf import codec  # pylint: disable=import-outside-toplevel
-    images, meta = next(iter(pipeline.build_dataset(cfg, training=False, files=files,
-                                                    batch_size=4, deterministic=True)))
-    pred, _ = codec.decode_heatmaps(model(images, training=False).numpy())
-    target, _ = codec.decode_heatmaps(meta["heatmaps"].numpy())
-    weights = meta["target_weights"].numpy()
-    std, mean = np.array(codec.IMAGENET_STD) * 255, np.array(codec.IMAGENET_MEAN) * 255
-    out = []
-    for b, img in enumerate(images.numpy()):
-        canvas = np.ascontiguousarray((img * std + mean).clip(0, 255).astype(np.uint8))
-        for k in range(pred.shape[1]):
-            if weights[b, k] > 0:
-                cv2.circle(canvas, tuple(int(v) for v in target[b, k] * 4), 3, (0, 255, 0), 1)
-            cv2.circle(canvas, tuple(int(v) for v in pred[b, k] * 4), 2, (255, 0, 0), -1)
-        out.append(canvas)
-    return np.stack(out)
+                periodic_eval(cfg, plain, model_dir, writer, i + 1)
 
 
 _PLAIN = {}
@@ -379,7 +328,7 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
     result = {"steps": total, "model": model}
     if chief:
         model.save_weights(os.path.join(model_dir, "final.weights.h5"))
-        stats = _periodic_eval(cfg, model, model_dir, None, total, verbose=True)
+        stats = periodic_eval(cfg, model, model_dir, None, total, verbose=True)
         if stats:
             result["stats"] = stats
         if cfg.train.export_tflite or cfg.train.qat:
@@ -400,7 +349,7 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
 def evaluate_checkpoint(cfg: Config, model_dir: str, config_path: str) -> dict:
     """--mode=eval: the latest checkpoint of model_dir on the validation set."""
     check_model_dir(cfg, model_dir, write=False)
-    if not _val_available(cfg):
+    if not val_available(cfg):
         raise TrainingError(f"{config_path}: data.val_tfrecords / data.val_annotations do not "
                             "point at existing files")
     model = build_model(cfg, init=False)
@@ -409,5 +358,5 @@ def evaluate_checkpoint(cfg: Config, model_dir: str, config_path: str) -> dict:
     if not manager.latest_checkpoint:
         raise TrainingError(f"{model_dir}: no checkpoint to evaluate")
     ckpt.restore(manager.latest_checkpoint).expect_partial()
-    stats = _periodic_eval(cfg, model, model_dir, None, -1, verbose=True, keep_best=False)
+    stats = periodic_eval(cfg, model, model_dir, None, -1, verbose=True, keep_best=False)
     return {"stats": stats, "model": model}
