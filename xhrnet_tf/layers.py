@@ -15,6 +15,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
+from xhrnet_tf.susa_grad import susa_backward
+
 _PACKAGE = "xhrnet_tf"
 
 
@@ -93,36 +95,45 @@ class SUSA(tf_keras.layers.Layer):
         quantizer, weights = self._quantizers[tensor]
         return quantizer(x, training, weights)
 
-    def _query(self, x):
+    def _params(self):
+        # Read once per call (and cast to the compute dtype under mixed precision), so the
+        # fused-gradient path sees tensors, not variables.
+        return [tf.convert_to_tensor(w) for w in (
+            self.group_weight, self.mean_kernel, self.mean_bias, self.conv_kernel,
+            self.conv_bias, self.ln_gamma, self.ln_beta)]
+
+    def _query(self, x, group_weight, mean_kernel, mean_bias):
         """Weighted mean along the pool axis, then mean_conv (per-channel scale and bias).
 
         Both are linear, so they fold into one depthwise conv whose kernel spans the pool
         axis: a single DEPTHWISE_CONV_2D in TFLite instead of mul + mean + mul + add.
         """
         length = x.shape[self._pool_axis] or tf.shape(x)[self._pool_axis]
-        g = self.group_weight[:length]
-        scale = self.mean_kernel / tf.cast(length, x.dtype)
+        g = group_weight[:length]
+        scale = mean_kernel / tf.cast(length, x.dtype)
         if self.direction == "h":
             kernel = g[:, None, None, None] * scale[None, None, :, None]  # (h, 1, c, 1)
         else:
             kernel = g[None, :, None, None] * scale[None, None, :, None]  # (1, w, c, 1)
         q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
-        return q + self.mean_bias
+        return q + mean_bias
 
-    def _centred_conv(self, t):
+    @staticmethod
+    def _centred_conv(t, conv_kernel, conv_bias):
         """conv(t) minus its mean over channels, as one conv.
 
         The LayerNorm's mean is linear in t, so it folds into the kernel and bias (subtract
         their means over the output channels): two ops fewer per SUSA in every exported graph,
         about 7% of X-HRNet-18's TFLite latency, with the same function and gradients.
         """
-        kernel = self.conv_kernel - tf.reduce_mean(self.conv_kernel, axis=-1, keepdims=True)
-        bias = self.conv_bias - tf.reduce_mean(self.conv_bias)
+        kernel = conv_kernel - tf.reduce_mean(conv_kernel, axis=-1, keepdims=True)
+        bias = conv_bias - tf.reduce_mean(conv_bias)
         return tf.nn.conv2d(t, kernel, strides=1, padding="VALID") + bias
 
-    def _gate(self, centred, training):
-        """sigmoid(LayerNorm(u)) from the centred u. Statistics run in float32 even under
-        mixed precision: the variance of c values is where float16 loses the gate."""
+    def _gate(self, centred, ln_gamma, ln_beta, training):
+        """sigmoid(LayerNorm(u)) from the centred u, plus the normalised u and 1/std.
+        Statistics run in float32 even under mixed precision: the variance of c values is
+        where float16 loses the gate."""
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         c32 = tf.cast(centred, tf.float32)
         var = fq("var", tf.reduce_mean(fq("square", c32 * c32), axis=-1, keepdims=True))
@@ -133,22 +144,48 @@ class SUSA(tf_keras.layers.Layer):
             var_eps = tf.maximum(var_eps, self.epsilon)
         rstd = fq("rsqrt", tf.math.rsqrt(var_eps))
         normed = fq("normed", c32 * rstd)
-        v = fq("ln", fq("scaled", normed * tf.cast(self.ln_gamma, tf.float32))
-               + tf.cast(self.ln_beta, tf.float32))
-        return fq("gate", tf.sigmoid(tf.cast(v, centred.dtype)))
+        v = fq("ln", fq("scaled", normed * tf.cast(ln_gamma, tf.float32))
+               + tf.cast(ln_beta, tf.float32))
+        return fq("gate", tf.sigmoid(tf.cast(v, centred.dtype))), normed, rstd
 
-    def call(self, x, training=None):
+    def _forward(self, x, params, training):
+        """The output and the small tensors the fused backward pass reuses."""
+        group_weight, mean_kernel, mean_bias, conv_kernel, conv_bias, ln_gamma, ln_beta = params
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         axis = self._attend_axis
-        q = fq("query", self._query(x))  # (N,1,w,c) for 'h', (N,h,1,c) for 'w'
-        # Softmax along the attend axis, normalised after the weighted sum: sum(x*e)/sum(e)
-        # equals sum(x*softmax(q)) and divides a tensor smaller by a factor of the length.
+        q = fq("query", self._query(x, group_weight, mean_kernel, mean_bias))
+        # q is (N,1,w,c) for 'h', (N,h,1,c) for 'w'. Softmax along the attend axis, normalised
+        # after the weighted sum: sum(x*e)/sum(e) equals sum(x*softmax(q)) and divides a
+        # tensor smaller by a factor of the length.
         shifted = fq("shifted", q - fq("max", tf.reduce_max(q, axis=axis, keepdims=True)))
         e = fq("exp", tf.exp(shifted))
         num = fq("num", tf.reduce_sum(fq("product", x * e), axis=axis, keepdims=True))
-        t = fq("pooled", num / fq("den", tf.reduce_sum(e, axis=axis, keepdims=True)))
-        gate = self._gate(fq("centred", self._centred_conv(t)), training)
-        return x * gate if self.fusion == "mul" else x + gate
+        den = fq("den", tf.reduce_sum(e, axis=axis, keepdims=True))
+        t = fq("pooled", num / den)
+        centred = fq("centred", self._centred_conv(t, conv_kernel, conv_bias))
+        gate, normed, rstd = self._gate(centred, ln_gamma, ln_beta, training)
+        y = x * gate if self.fusion == "mul" else x + gate
+        return y, (e, den, t, normed, rstd, gate)
+
+    def call(self, x, training=None):
+        params = self._params()
+        if training is True and not self.fake_quant and x.shape[1:3].is_fully_defined():
+            return self._fused_gradient_call(x, params)
+        return self._forward(x, params, training)[0]
+
+    def _fused_gradient_call(self, x, params):
+        """Same forward, hand-derived backward (xhrnet_tf.susa_grad): autodiff spends ~160
+        graph ops per SUSA on its gradient, 60% of X-HRNet's training graph, and that graph
+        costs memory and start-up time in every training run."""
+        @tf.custom_gradient
+        def fused(x, *params):
+            y, saved = self._forward(x, params, True)
+
+            def grad(dy):
+                return susa_backward(dy, x, params, saved, self._pool_axis, self._attend_axis,
+                                     self.fusion)
+            return y, grad
+        return fused(x, *params)
 
     def compute_output_shape(self, input_shape):
         return input_shape
