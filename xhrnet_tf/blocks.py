@@ -24,15 +24,17 @@ def batch_norm(x, name: str, momentum: float = BN_MOMENTUM):
 
 def conv_bn(x, filters: int, kernel: int, name: str, *, stride: int = 1,
             depthwise: bool = False, relu: bool = False, bn: bool = True,
-            momentum: float = BN_MOMENTUM):
+            momentum: float = BN_MOMENTUM, padded: bool = False):
     """Conv (no bias when followed by BN) -> BN -> optional ReLU.
 
     Stride-2 convs pad one pixel on all sides and convolve VALID, as PyTorch does; TF's SAME
     would pad only bottom/right and shift the sampling grid by one pixel (SPEC 2.1).
+    `padded=True`: x is already padded by the caller (shared with other convs).
     """
     padding = "same"
     if stride == 2:
-        x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
+        if not padded:
+            x = layers.ZeroPadding2D(kernel // 2, name=f"{name}_pad")(x)
         padding = "valid"
     if depthwise:
         x = layers.DepthwiseConv2D(kernel, strides=stride, padding=padding, use_bias=not bn,
@@ -165,7 +167,9 @@ def _dw_stride2_subsampled(x, name: str):
 
 def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str,
               momentum: float = BN_MOMENTUM):
-    """F_ij of SPEC 5.2: up path (PW+BN+nearest upsample) or down path (DW-s2 steps)."""
+    """F_ij of SPEC 5.2: up path (PW+BN+nearest upsample) or down path (DW-s2 steps).
+
+    A down path's x arrives zero-padded by one pixel (see `fuse`)."""
     if j > i:
         x = conv_bn(x, channels[i], 1, f"{name}_pw", momentum=momentum)
         factor = 2 ** (j - i)
@@ -175,7 +179,7 @@ def fuse_path(x, i: int, j: int, channels: Sequence[int], name: str,
         last = t == steps - 1
         c_out = channels[i] if last else channels[j]
         x = conv_bn(x, channels[j], 3, f"{name}_step{t}_dw", stride=2, depthwise=True,
-                    momentum=momentum)
+                    momentum=momentum, padded=t == 0)
         x = conv_bn(x, c_out, 1, f"{name}_step{t}_pw", relu=not last, momentum=momentum)
     return x
 
@@ -192,13 +196,24 @@ def fuse(xs: List, channels: Sequence[int], fuse_mode: str, name: str) -> List:
     'standard' is the plain HRNet sum x_i + sum_j F_ij(x_j).
     """
     n = len(xs)
-    outputs, z0 = [], None
+    outputs, z0, padded = [], None, {}
+
+    def pad(j, src):
+        # One zero-padded copy per source feeds all of its down paths' first stride-2
+        # convs: training keeps each conv's input for the backward pass, and three copies
+        # of branch 0 cost 16 MB per module at batch 32 (x18, 256x192).
+        if j not in padded:
+            padded[j] = layers.ZeroPadding2D(1, name=f"{name}_fuse_pad{j}")(src)
+        return padded[j]
+
     for i in range(n):
         terms = []
         for j in range(n):
             quirk = fuse_mode == "official" and j == 0 and i > 0
             src = z0 if quirk else xs[j]
             momentum = BN_MOMENTUM ** 2 if quirk else BN_MOMENTUM
+            if j < i:
+                src = pad(j, src)
             term = src if i == j else fuse_path(src, i, j, channels, f"{name}_fuse{i}_{j}",
                                                 momentum)
             terms.append(term)
