@@ -1,7 +1,7 @@
 """Training throughput and peak memory: X-HRNet-18/30, batch 32, 256x192, XLA off and on.
 
     python -m xhrnet_tf.tools.bench_train [--configs configs/x18.yaml configs/x30.yaml]
-        [--batch 32] [--steps 5] [--xla off on]
+        [--batch 32] [--steps 5] [--xla off on] [--mixed_precision]
 
 Each measurement runs in its own process (peak RSS is per process) on synthetic tensors, so
 the input pipeline is not part of the figure; the first step (tracing, XLA compilation) is
@@ -17,14 +17,15 @@ import sys
 import time
 
 
-def _worker(config: str, batch: int, steps: int, xla: bool) -> dict:
+def _worker(config: str, batch: int, steps: int, xla: bool, mixed: bool = False) -> dict:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.config import replace  # pylint: disable=import-outside-toplevel
     # pylint: disable=import-outside-toplevel
     from xhrnet_tf.train import build_training_state, cpu_graph_options, make_train_step
     cfg = replace(xhrnet_tf.load_config(config), {"train.global_batch_size": batch,
-                                                  "train.jit_compile": xla})
+                                                  "train.jit_compile": xla,
+                                                  "train.mixed_precision": mixed})
     strategy = tf.distribute.get_strategy()
     model, opt, _, _, _ = build_training_state(cfg, strategy, 1000, 1)
     step = make_train_step(cfg, strategy, model, opt)
@@ -42,15 +43,20 @@ def _worker(config: str, batch: int, steps: int, xla: bool) -> dict:
         for _ in range(steps):
             loss = float(step(it))
         per_step = (time.perf_counter() - t0) / steps
+    try:  # the peak of live tensors, as the allocator counts it (oneDNN's BFC allocator)
+        tensors = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2 ** 30
+    except ValueError:  # allocator without statistics (TF_ENABLE_ONEDNN_OPTS=0)
+        tensors = float("nan")
     return {"config": config, "xla": xla, "images_per_s": batch / per_step,
+            "tensor_peak_gib": tensors,
             "step_s": per_step, "first_step_s": first, "loss": loss,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_worker":
-        c, b, s, x = sys.argv[2:6]
-        print(json.dumps(_worker(c, int(b), int(s), x == "on")))
+        c, b, s, x, m = sys.argv[2:7]
+        print(json.dumps(_worker(c, int(b), int(s), x == "on", m == "mixed")))
         return 0
     p = argparse.ArgumentParser(prog="python -m xhrnet_tf.tools.bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,20 +64,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--xla", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--mixed_precision", action="store_true",
+                   help="train.mixed_precision (bfloat16 on a CPU, float16 on a GPU)")
     args = p.parse_args(argv)
     print(f"{'config':<22} {'XLA':>4} {'img/s':>8} {'s/step':>8} {'1st step s':>11} "
-          f"{'peak RSS GiB':>13}")
+          f"{'peak RSS GiB':>13} {'tensors GiB':>12}")
     for config in args.configs:
         for xla in args.xla:
             res = subprocess.run([sys.executable, "-m", "xhrnet_tf.tools.bench_train",
-                                  "--_worker", config, str(args.batch), str(args.steps), xla],
+                                  "--_worker", config, str(args.batch), str(args.steps), xla,
+                                  "mixed" if args.mixed_precision else "float32"],
                                  capture_output=True, text=True, check=False)
             if res.returncode != 0:
                 print(f"{config:<22} {xla:>4} failed: {res.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"{config:<22} {xla:>4} {r['images_per_s']:>8.2f} {r['step_s']:>8.2f} "
-                  f"{r['first_step_s']:>11.1f} {r['peak_rss_gib']:>13.2f}")
+                  f"{r['first_step_s']:>11.1f} {r['peak_rss_gib']:>13.2f} {r['tensor_peak_gib']:>12.2f}")
     return 0
 
 
