@@ -15,6 +15,7 @@ import yaml
 from xhrnet_tf import build_pose_model
 from xhrnet_tf.config import Config, config_to_dict
 from xhrnet_tf.data import pipeline
+from xhrnet_tf.graph_free import GraphFreeStep
 from xhrnet_tf.recipe import WarmupStepDecay, joints_mse
 from xhrnet_tf.train_eval import periodic_eval, val_available
 
@@ -178,7 +179,7 @@ def make_train_step(cfg: Config, strategy, model, optimizer):
         losses = strategy.run(replica_step, args=(images, targets))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
-    return train_step
+    return GraphFreeStep(train_step)
 
 
 @contextlib.contextmanager
