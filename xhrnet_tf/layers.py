@@ -15,7 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras
 
-from xhrnet_tf.susa_grad import susa_backward
+from xhrnet_tf.susa_grad import shared_constant, susa_backward
 
 _PACKAGE = "xhrnet_tf"
 
@@ -108,7 +108,16 @@ class SUSA(tf_keras.layers.Layer):
         Both are linear, so they fold into one depthwise conv whose kernel spans the pool
         axis: a single DEPTHWISE_CONV_2D in TFLite instead of mul + mean + mul + add.
         """
-        length = x.shape[self._pool_axis] or tf.shape(x)[self._pool_axis]
+        length = x.shape[self._pool_axis]
+        if length is not None:  # shared constants keep the training graph small (susa_grad)
+            g = tf.slice(group_weight, shared_constant((0,)), shared_constant((length,)))
+            scale = mean_kernel / shared_constant(float(length), x.dtype)
+            g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
+            kernel = (tf.reshape(g, shared_constant(g_shape))
+                      * tf.reshape(scale, shared_constant((1, 1, x.shape[-1], 1))))
+            q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
+            return q + mean_bias
+        length = tf.shape(x)[self._pool_axis]
         g = group_weight[:length]
         scale = mean_kernel / tf.cast(length, x.dtype)
         if self.direction == "h":
@@ -126,8 +135,9 @@ class SUSA(tf_keras.layers.Layer):
         their means over the output channels): two ops fewer per SUSA in every exported graph,
         about 7% of X-HRNet-18's TFLite latency, with the same function and gradients.
         """
-        kernel = conv_kernel - tf.reduce_mean(conv_kernel, axis=-1, keepdims=True)
-        bias = conv_bias - tf.reduce_mean(conv_bias)
+        last = shared_constant(-1)
+        kernel = conv_kernel - tf.reduce_mean(conv_kernel, axis=last, keepdims=True)
+        bias = conv_bias - tf.reduce_mean(conv_bias, axis=last)
         return tf.nn.conv2d(t, kernel, strides=1, padding="VALID") + bias
 
     def _gate(self, centred, ln_gamma, ln_beta, training):
@@ -136,8 +146,9 @@ class SUSA(tf_keras.layers.Layer):
         where float16 loses the gate."""
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         c32 = tf.cast(centred, tf.float32)
-        var = fq("var", tf.reduce_mean(fq("square", c32 * c32), axis=-1, keepdims=True))
-        var_eps = fq("var_eps", var + self.epsilon)
+        var = fq("var", tf.reduce_mean(fq("square", c32 * c32), axis=shared_constant(-1),
+                                       keepdims=True))
+        var_eps = fq("var_eps", var + shared_constant(self.epsilon, tf.float32))
         if self.fake_quant:
             # A quantised var + eps can round to 0; int8 RSQRT saturates there, but float
             # rsqrt(0) is inf and its gradient NaN, which would wreck QAT's weights.
@@ -152,7 +163,7 @@ class SUSA(tf_keras.layers.Layer):
         """The output and the small tensors the fused backward pass reuses."""
         group_weight, mean_kernel, mean_bias, conv_kernel, conv_bias, ln_gamma, ln_beta = params
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
-        axis = self._attend_axis
+        axis = shared_constant(self._attend_axis)
         q = fq("query", self._query(x, group_weight, mean_kernel, mean_bias))
         # q is (N,1,w,c) for 'h', (N,h,1,c) for 'w'. Softmax along the attend axis, normalised
         # after the weighted sum: sum(x*e)/sum(e) equals sum(x*softmax(q)) and divides a
