@@ -10,7 +10,7 @@ class GraphFreeStep:
     """Calls a traced tf.function without keeping its Python graph alive.
 
     Running a traced function needs only the runtime's copy of it, but TensorFlow keeps the
-    Python FuncGraph (X-HRNet-18's training step: ~28k ops) for the function's lifetime, and
+    Python FuncGraph (X-HRNet-18's training step: ~23k ops) for the function's lifetime, and
     tf.custom_gradient (SUSA's backward) pins it forever through the global gradient registry.
     Dropping both before the first step lowers x18's peak RSS at batch 32 by ~0.3 GiB. This
     reaches into two TensorFlow internals (the concrete function's AtomicFunction, the

@@ -184,7 +184,7 @@ def make_train_step(cfg: Config, strategy, model, optimizer):
 
 @contextlib.contextmanager
 def cpu_graph_options():
-    """Without a GPU, Grappler spends 10-20 s rewriting the ~35k-op training graph and the
+    """Without a GPU, Grappler spent 10-20 s rewriting the training graph (35k ops then) and the
     steps run no faster for it (measured on x18 and the quickstart model); GPUs keep it."""
     if tf.config.list_logical_devices("GPU"):
         yield
