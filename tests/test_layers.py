@@ -80,6 +80,19 @@ def test_susa_hand_written_gradient_equals_autodiff(direction, fusion):
                                    err_msg=variable)
 
 
+@pytest.mark.parametrize("direction", ["h", "w"])
+def test_susa_with_unknown_spatial_size_matches_the_static_graph(direction):
+    """A model built on (None, None, c) inputs takes the run-time-length path of SUSA."""
+    x = RNG.normal(size=(2, 12, 10, 6)).astype(np.float32)
+    layer = SUSA(direction, max_length=16)
+    static = tf_keras.Model(*(lambda i: (i, layer(i)))(tf_keras.Input(x.shape[1:])))
+    layer.set_weights([RNG.normal(size=v.shape).astype(np.float32) for v in layer.weights])
+    dynamic = tf_keras.Model(*(lambda i: (i, layer(i)))(tf_keras.Input((None, None, 6))))
+    run = tf.function(lambda t: dynamic(t), input_signature=[
+        tf.TensorSpec((None, None, None, 6), tf.float32)])
+    np.testing.assert_allclose(run(x).numpy(), static(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_susa_rejects_input_longer_than_group_weight():
     with pytest.raises(ValueError, match="exceeds the 8 learned group weights"):
         SUSA("h", max_length=8)(tf_keras.Input((16, 4, 2)))

@@ -109,21 +109,15 @@ class SUSA(tf_keras.layers.Layer):
         axis: a single DEPTHWISE_CONV_2D in TFLite instead of mul + mean + mul + add.
         """
         length = x.shape[self._pool_axis]
-        if length is not None:  # shared constants keep the training graph small (susa_grad)
-            g = tf.slice(group_weight, shared_constant((0,)), shared_constant((length,)))
-            scale = mean_kernel / shared_constant(float(length), x.dtype)
-            g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
-            kernel = (tf.reshape(g, shared_constant(g_shape))
-                      * tf.reshape(scale, shared_constant((1, 1, x.shape[-1], 1))))
-            q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
-            return q + mean_bias
-        length = tf.shape(x)[self._pool_axis]
-        g = group_weight[:length]
-        scale = mean_kernel / tf.cast(length, x.dtype)
-        if self.direction == "h":
-            kernel = g[:, None, None, None] * scale[None, None, :, None]  # (h, 1, c, 1)
-        else:
-            kernel = g[None, :, None, None] * scale[None, None, :, None]  # (1, w, c, 1)
+        if length is None:  # spatial size known only at run time: shapes pack the tensor
+            length = tf.shape(x)[self._pool_axis]
+            const, divisor = (lambda v: v), tf.cast(length, x.dtype)
+        else:  # shared constants keep the training graph small (susa_grad)
+            const, divisor = shared_constant, shared_constant(float(length), x.dtype)
+        g = tf.slice(group_weight, const((0,)), const((length,)))
+        g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
+        kernel = (tf.reshape(g, const(g_shape))
+                  * tf.reshape(mean_kernel / divisor, const((1, 1, x.shape[-1], 1))))
         q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
         return q + mean_bias
 
