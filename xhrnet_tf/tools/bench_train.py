@@ -80,7 +80,8 @@ def main(argv=None) -> int:
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"{config:<22} {xla:>4} {r['images_per_s']:>8.2f} {r['step_s']:>8.2f} "
-                  f"{r['first_step_s']:>11.1f} {r['peak_rss_gib']:>13.2f} {r['tensor_peak_gib']:>12.2f}")
+                  f"{r['first_step_s']:>11.1f} {r['peak_rss_gib']:>13.2f} "
+                  f"{r['tensor_peak_gib']:>12.2f}")
     return 0
 
 
