@@ -255,6 +255,21 @@ def test_training_step_runs_without_keeping_its_python_graph():
     assert losses[0][2] < losses[0][0]  # it trains
 
 
+def test_training_step_is_traced_once():
+    """Adam's slots exist before the first step: a tf.function that creates variables is
+    traced twice, which doubled start-up time and tracing memory."""
+    from xhrnet_tf.train import build_training_state, make_train_step
+    cfg = config_from_dict({"model": TINY_MODEL, "train": {"global_batch_size": 2}})
+    strategy = tf.distribute.get_strategy()
+    model, opt, _, _, _ = build_training_state(cfg, strategy, 10, 1)
+    assert all(opt.get_slot(v, "m") is not None for v in model.trainable_variables)
+    function = make_train_step(cfg, strategy, model, opt)._function  # pylint: disable=protected-access
+    data = tf.data.Dataset.from_tensors((tf.zeros((2, 64, 64, 3)), {
+        "heatmaps": tf.zeros((2, 16, 16, 17)), "target_weights": tf.ones((2, 17))})).repeat()
+    function.get_concrete_function(iter(data))
+    assert function.experimental_get_tracing_count() == 1
+
+
 def test_xla_gradients_match_the_plain_ones(capfd):
     """jit_compile is the GPU path; on CPU it must compute the same step (and say it is slow)."""
     from xhrnet_tf.train import build_training_state, make_loss_and_grads
