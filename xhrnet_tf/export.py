@@ -140,21 +140,15 @@ def equalized_copy(config: Config, model, images: List[np.ndarray]):
 
 def tflite_heatmaps(content: bytes, images: List[np.ndarray]) -> np.ndarray:
     """Float heatmaps of a .tflite model on float crops, whatever its input/output types."""
-    from xhrnet_tf.tflite_utils import interpreter  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tflite_utils import dequantize_output, interpreter, quantize_input
     interp = interpreter(content)
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     results = []
     for image in images:
-        x = image.reshape(inp["shape"])
-        scale, zero = inp["quantization"]
-        if scale:  # integer input
-            info = np.iinfo(inp["dtype"])
-            x = np.clip(np.round(x / scale + zero), info.min, info.max)
-        interp.set_tensor(inp["index"], x.astype(inp["dtype"]))
+        interp.set_tensor(inp["index"], quantize_input(image.reshape(inp["shape"]), inp))
         interp.invoke()
-        y = interp.get_tensor(out["index"]).astype(np.float32)
-        scale, zero = out["quantization"]
-        results.append((y - zero) * scale if scale else y)
+        results.append(dequantize_output(interp.get_tensor(out["index"]), out))
     return np.concatenate(results)
 
 

@@ -46,7 +46,8 @@ class PoseEstimator:
 
     @classmethod
     def from_tflite(cls, path: str, num_threads: int = 1, **kwargs) -> "PoseEstimator":
-        from xhrnet_tf.tflite_utils import interpreter  # pylint: disable=import-outside-toplevel
+        # pylint: disable=import-outside-toplevel
+        from xhrnet_tf.tflite_utils import dequantize_output, interpreter, quantize_input
         interp = interpreter(model_path=path, num_threads=num_threads)
         inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
         batch, h, w = int(inp["shape"][0]), int(inp["shape"][1]), int(inp["shape"][2])
@@ -59,9 +60,9 @@ class PoseEstimator:
                 if pad:
                     chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
                                                             chunk.dtype)])
-                interp.set_tensor(inp["index"], _quantize(chunk, inp))
+                interp.set_tensor(inp["index"], quantize_input(chunk, inp))
                 interp.invoke()
-                outs.append(_dequantize(interp.get_tensor(out["index"]), out)[:batch - pad])
+                outs.append(dequantize_output(interp.get_tensor(out["index"]), out)[:batch - pad])
             return np.concatenate(outs)
 
         return cls(run, (h, w), **kwargs)
@@ -104,21 +105,6 @@ def _check_image(image) -> np.ndarray:
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8 RGB (0-255), got dtype {image.dtype}")
     return image
-
-
-def _quantize(x, detail):
-    if detail["dtype"] == np.float32:
-        return x.astype(np.float32)
-    scale, zero = detail["quantization"]
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
-
-
-def _dequantize(y, detail):
-    if detail["dtype"] == np.float32:
-        return y
-    scale, zero = detail["quantization"]
-    return (y.astype(np.float32) - zero) * scale
 
 
 def draw_skeletons(image: np.ndarray, keypoints: np.ndarray, threshold: float = 0.2):

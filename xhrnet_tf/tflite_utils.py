@@ -43,6 +43,23 @@ def interpreter(model_content: Optional[bytes] = None, model_path: Optional[str]
     return interp
 
 
+def quantize_input(x: np.ndarray, detail: Dict) -> np.ndarray:
+    """Float data in the dtype of an interpreter input (through its scale for int8/uint8)."""
+    if detail["dtype"] == np.float32:
+        return x.astype(np.float32)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(detail["dtype"])
+
+
+def dequantize_output(y: np.ndarray, detail: Dict) -> np.ndarray:
+    """An interpreter output as float."""
+    if detail["dtype"] == np.float32:
+        return y
+    scale, zero = detail["quantization"]
+    return (y.astype(np.float32) - zero) * scale
+
+
 def graph_report(model_content: bytes) -> Dict:
     """Op histogram and the properties delegates care about."""
     interp = interpreter(model_content,
