@@ -111,6 +111,29 @@ def test_delegate_compatibility_and_integer_int8(exported):
     _check_xnnpack(fp32, int8, "tiny")
 
 
+def _depthwise_kernels(content):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType  # pylint: disable=import-outside-toplevel
+    interp = Interpreter(model_content=content, experimental_op_resolver_type=(
+        OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+    shapes = {t["index"]: tuple(t["shape"]) for t in interp.get_tensor_details()}
+    return [shapes[op["inputs"][1]][1:3] for op in interp._get_ops_details()  # pylint: disable=protected-access
+            if op["op_name"] == "DEPTHWISE_CONV_2D"]
+
+
+def test_susa_query_is_not_a_depthwise_conv_in_tflite(exported):
+    """XNNPACK runs a depthwise kernel that spans the pool axis as a grouped GEMM (one channel
+    per group): SUSA's query goes to TFLite as MUL + SUM, only the 3x3 convs stay depthwise."""
+    model = exported[2]
+    for content in (to_tflite(model), (exported[0] / "out" / "model_int8.tflite").read_bytes()):
+        kernels = _depthwise_kernels(content)
+        assert kernels and set(kernels) == {(3, 3)}, kernels
+    # Keras/TensorFlow keeps the depthwise form, which TensorFlow runs fastest.
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+        tf.TensorSpec((1,) + tuple(model.input_shape[1:]), tf.float32)).graph
+    assert any("susa" in op.name and op.type == "DepthwiseConv2dNative"
+               for op in graph.get_operations())
+
+
 @pytest.mark.xfail(strict=True, reason="XNNPACK has no int8 EXP/DIV/RSQRT/SQUARED_DIFFERENCE, "
                    "which SUSA's softmax and LayerNorm need; they run on TFLite's int8 kernels "
                    "between XNNPACK partitions")

@@ -5,7 +5,7 @@ import tensorflow as tf
 import tf_keras
 
 from xhrnet_tf import blocks
-from xhrnet_tf.layers import SUSA, BilinearResize, ChannelSplit
+from xhrnet_tf.layers import SUSA, BilinearResize, ChannelSplit, tflite_graph
 
 RNG = np.random.default_rng(0)
 
@@ -47,6 +47,8 @@ def test_susa_matches_spec(direction, fusion):
     gw, a, b, conv_w, conv_b, gamma, beta = weights
     ref = _susa_reference(x, direction, gw, a, b, conv_w[0, 0], conv_b, gamma, beta, fusion)
     np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
+    with tflite_graph():  # the query as MUL + SUM instead of one depthwise conv
+        np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("direction", ["h", "w"])
@@ -91,6 +93,10 @@ def test_susa_with_unknown_spatial_size_matches_the_static_graph(direction):
     run = tf.function(lambda t: dynamic(t), input_signature=[
         tf.TensorSpec((None, None, None, 6), tf.float32)])
     np.testing.assert_allclose(run(x).numpy(), static(x).numpy(), rtol=1e-5, atol=1e-6)
+    with tflite_graph():
+        lite = tf.function(lambda t: dynamic(t), input_signature=[
+            tf.TensorSpec((None, None, None, 6), tf.float32)]).get_concrete_function()
+    np.testing.assert_allclose(lite(x).numpy(), static(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_susa_rejects_input_longer_than_group_weight():

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from xhrnet_tf import codec
 from xhrnet_tf.config import Config
+from xhrnet_tf.layers import tflite_graph
 
 FORMATS = ("fp32", "fp16", "dynamic", "int8", "qat")
 
@@ -75,8 +76,9 @@ def save_saved_model(model, path: str, batch_size: Optional[int] = None) -> None
         return {"heatmaps": heatmaps, "keypoints": kps, "scores": scores}
 
     module.serve, module.keypoints_fn = serve, keypoints
-    tf.saved_model.save(module, path, signatures={"serving_default": serve,
-                                                  "keypoints": keypoints})
+    with tflite_graph():  # the SavedModel is made for tflite_convert and serving
+        tf.saved_model.save(module, path, signatures={"serving_default": serve,
+                                                      "keypoints": keypoints})
 
 
 def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> List[np.ndarray]:

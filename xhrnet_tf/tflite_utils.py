@@ -14,6 +14,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from xhrnet_tf.layers import tflite_graph
+
 
 def to_tflite(model, batch_size: int = 1, converter_hook=None) -> bytes:
     """Converts a Functional model with the plain builtin op set at a fixed batch size.
@@ -23,7 +25,8 @@ def to_tflite(model, batch_size: int = 1, converter_hook=None) -> bytes:
     Keras model first traces every layer, which is four times slower for X-HRNet.
     """
     spec = tf.TensorSpec((batch_size,) + tuple(model.input_shape[1:]), tf.float32)
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+    with tflite_graph():
+        concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
     holder = tf.Module()
     holder.model_variables = list(model.variables)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
