@@ -75,37 +75,46 @@ def apply_affine(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def gaussian_heatmaps(joints: np.ndarray, visible: np.ndarray, heatmap_size: Sequence[int],
-                      image_size: Sequence[int], sigma: float) -> Tuple[np.ndarray, np.ndarray]:
-    """MSRA targets (mmpose TopDownGenerateTarget, unbiased_encoding=False).
+                      image_size: Sequence[int], sigma: float,
+                      unbiased: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """MSRA targets (mmpose TopDownGenerateTarget, unbiased_encoding=False by default).
 
     joints: (K, 2) in input-image pixels; visible: (K,) > 0 for labelled joints.
     Returns heatmaps (H, W, K) float32 and target weights (K,) float32. The peak sits on the
     integer pixel `int(joint / stride + 0.5)` and the Gaussian is cut at 3 sigma; a joint whose
     window lies fully outside the heatmap gets weight 0.
+    `unbiased=True` is DARK's unbiased encoding (mmpose unbiased_encoding=True): the Gaussian
+    is centred on the sub-pixel location `joint / stride` and not cut. Up to half a heatmap
+    pixel of rounding leaves the target, which matters most on small heatmaps; decode such
+    models with post_process='dark'.
     """
     w, h = int(heatmap_size[0]), int(heatmap_size[1])
     stride = np.array([image_size[0] / w, image_size[1] / h])
     radius = sigma * 3
-    mu = np.floor(np.asarray(joints, np.float64) / stride + 0.5)  # (K, 2)
+    mu = np.asarray(joints, np.float64) / stride  # (K, 2)
+    if not unbiased:
+        mu = np.floor(mu + 0.5)
     weight = (np.asarray(visible) > 0).astype(np.float32)
     outside = ((mu[:, 0] - radius >= w) | (mu[:, 1] - radius >= h) |
                (mu[:, 0] + radius + 1 < 0) | (mu[:, 1] + radius + 1 < 0))
     weight[outside] = 0.0
     xs = np.arange(w)[None, :, None] - mu[None, None, :, 0]  # (1, W, K)
     ys = np.arange(h)[:, None, None] - mu[None, None, :, 1]  # (H, 1, K)
-    window = (np.abs(xs) <= radius) & (np.abs(ys) <= radius)
+    window = ((np.abs(xs) <= radius) & (np.abs(ys) <= radius)) | unbiased
     g = np.exp(-(xs ** 2 + ys ** 2) / (2 * sigma ** 2)) * window
     return (g * (weight > 0)).astype(np.float32), weight
 
 
 def gaussian_heatmaps_tf(joints, visible, heatmap_size: Sequence[int],
-                         image_size: Sequence[int], sigma: float):
+                         image_size: Sequence[int], sigma: float, unbiased: bool = False):
     """TensorFlow twin of `gaussian_heatmaps` for use inside tf.data."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     w, h = int(heatmap_size[0]), int(heatmap_size[1])
     stride = tf.constant([image_size[0] / w, image_size[1] / h], tf.float32)
     radius = sigma * 3.0
-    mu = tf.floor(tf.cast(joints, tf.float32) / stride + 0.5)
+    mu = tf.cast(joints, tf.float32) / stride
+    if not unbiased:
+        mu = tf.floor(mu + 0.5)
     weight = tf.cast(visible > 0, tf.float32)
     outside = ((mu[:, 0] - radius >= w) | (mu[:, 1] - radius >= h) |
                (mu[:, 0] + radius + 1 < 0) | (mu[:, 1] + radius + 1 < 0))
@@ -114,8 +123,11 @@ def gaussian_heatmaps_tf(joints, visible, heatmap_size: Sequence[int],
     # instead of an exp over the whole (H, W, K) map.
     xs = tf.range(w, dtype=tf.float32)[:, None] - mu[None, :, 0]  # (W, K)
     ys = tf.range(h, dtype=tf.float32)[:, None] - mu[None, :, 1]  # (H, K)
-    gx = tf.exp(-xs ** 2 / (2.0 * sigma ** 2)) * tf.cast(tf.abs(xs) <= radius, tf.float32)
-    gy = tf.exp(-ys ** 2 / (2.0 * sigma ** 2)) * tf.cast(tf.abs(ys) <= radius, tf.float32)
+    gx = tf.exp(-xs ** 2 / (2.0 * sigma ** 2))
+    gy = tf.exp(-ys ** 2 / (2.0 * sigma ** 2))
+    if not unbiased:
+        gx *= tf.cast(tf.abs(xs) <= radius, tf.float32)
+        gy *= tf.cast(tf.abs(ys) <= radius, tf.float32)
     gx = gx * tf.cast(weight > 0, tf.float32)[None, :]
     return gy[:, None, :] * gx[None, :, :], weight
 

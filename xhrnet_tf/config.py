@@ -43,6 +43,9 @@ class DataConfig:
     val_tfrecords: str = ""  # glob of evaluation shards
     val_annotations: str = ""  # COCO keypoint json used by COCOeval
     heatmap_sigma: float = 2.0
+    # DARK's unbiased target encoding (sub-pixel Gaussian centre); pair with
+    # eval.post_process: dark. Off in the paper's recipe (SPEC 13).
+    unbiased_encoding: bool = False
     flip_prob: float = 0.5
     half_body_prob: float = 0.3
     half_body_min_joints: int = 8

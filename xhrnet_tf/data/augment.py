@@ -209,11 +209,11 @@ def train_transform(ex, index, data_cfg, image_size, heatmap_size, seed: int):
     image, window_matrix = decode_window(ex["jpeg"], level, dims, matrix @ flip_m, image_size)
     out = warp(image, window_matrix, image_size, normalized=True)
     joints = joints @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
-    return out, targets(joints, visible, image_size, heatmap_size,
-                                   data_cfg.heatmap_sigma)
+    return out, targets(joints, visible, image_size, heatmap_size, data_cfg.heatmap_sigma,
+                        data_cfg.unbiased_encoding)
 
 
-def targets(joints, visible, image_size, heatmap_size, sigma):
+def targets(joints, visible, image_size, heatmap_size, sigma, unbiased=False):
     """Heatmap targets; a keypoint outside the crop loses its target (weight 0).
 
     "Outside" is judged where the target's peak would sit, on the heatmap grid: a joint half a
@@ -225,7 +225,7 @@ def targets(joints, visible, image_size, heatmap_size, sigma):
               (mu[:, 1] >= 0) & (mu[:, 1] < heatmap_size[1]))
     visible = tf.where(inside, visible, tf.zeros_like(visible))
     heatmaps, weights = codec.gaussian_heatmaps_tf(joints, visible, heatmap_size, image_size,
-                                                   sigma)
+                                                   sigma, unbiased)
     return {"heatmaps": heatmaps, "target_weights": weights}
 
 
@@ -238,6 +238,7 @@ def eval_transform(ex, data_cfg, image_size, heatmap_size):
     out = warp(image, window_matrix, image_size, normalized=True)
     joints = ((ex["joints"] + 0.5) / r - 0.5) @ tf.transpose(matrix[:2, :2]) + matrix[:2, 2]
     meta = {k: ex[k] for k in ("center", "scale", "bbox", "area", "score", "image_id", "ann_id")}
-    meta.update(targets(joints, ex["visible"], image_size, heatmap_size, data_cfg.heatmap_sigma))
+    meta.update(targets(joints, ex["visible"], image_size, heatmap_size, data_cfg.heatmap_sigma,
+                        data_cfg.unbiased_encoding))
     return out, meta
 
