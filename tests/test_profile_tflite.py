@@ -31,6 +31,10 @@ def test_categorize_names_the_kind_of_work():
     assert categorize("xnn_f32_qs8_vcvt_ukernel__avx512skx_u128").startswith("quantize")
     assert categorize("tflite::ops::builtin::div::Eval<(tflite::ops::builtin::div::KernelType)1>"
                       "(TfLiteContext*, TfLiteNode*)") == "TFLite kernel, not delegated: div"
+    assert categorize("gemmlowp::one_over_one_plus_x_for_x_in_0_1<int>") == (
+        "TFLite kernel, not delegated: div")
+    assert categorize("tflite::ops::builtin::activations::(anonymous namespace)::"
+                      "QuantizedReluX<signed char>") == "TFLite kernel, not delegated: relu"
     assert categorize("__memmove_avx512_unaligned_erms", "libc.so.6").startswith("copy")
     assert categorize("_PyEval_EvalFrameDefault", "libpython3.11.so.1.0").startswith("Python")
 

@@ -55,9 +55,19 @@ def categorize(symbol: str, dso: str = "") -> str:
             if any(k in s for k in keys):
                 return name
         return "XNNPACK runtime (operator setup, dispatch)"
+    # Helpers of TFLite's own int8 kernels, attributed by profiling one-op models: the
+    # reciprocal is DIV's, the per-element requantisation mostly a stand-alone RELU's.
+    if "one_over_one_plus_x" in symbol:
+        return "TFLite kernel, not delegated: div"
+    if "MultiplyByQuantizedMultiplier" in symbol:
+        return "TFLite int8 requantisation (in RELU and other undelegated kernels)"
+    if "ReluX" in symbol or "::Relu" in symbol:
+        return "TFLite kernel, not delegated: relu"
     m = re.search(r"tflite::ops::builtin::(\w+)::", symbol)
     if m:
         return f"TFLite kernel, not delegated: {m.group(1)}"
+    if "reference_ops::RunBinaryOp" in symbol or "BroadcastBinary" in symbol:
+        return "TFLite kernel, not delegated: elementwise binary"
     if "tflite::" in symbol:
         return "TFLite runtime / optimized_ops"
     if s.startswith(("__mem", "mem")) or "memcpy" in s or "memmove" in s or "memset" in s:
