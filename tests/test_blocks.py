@@ -35,3 +35,19 @@ def test_fuse_running_statistics_follow_the_official_double_evaluation(fuse_mode
                            ("stage0_module0_fuse0_1_pw_bn", 0.1)]:
         ratio = _running_mean_update_ratio(model, name, x)
         np.testing.assert_allclose(ratio, expected, rtol=1e-3, err_msg=name)
+
+
+def test_int8_graph_is_the_same_function_with_the_same_weights():
+    """`int8_graph=True` writes branch 0's fuse ReLU as relu(2z) / 2 (so the int8 converter
+    fuses it into a MUL that XNNPACK takes); weights and outputs are those of the plain model."""
+    cfg = tiny_config()
+    plain = xhrnet_tf.build_pose_model(cfg)
+    randomise_weights(plain)
+    int8 = xhrnet_tf.build_pose_model(cfg, int8_graph=True)
+    assert [w.name for w in int8.weights] == [w.name for w in plain.weights]
+    int8.set_weights(plain.get_weights())
+    assert len(int8.layers) > len(plain.layers)
+    assert int8.get_layer("stage0_module0_fuse0_relu_in").scale == 2.0
+    x = np.random.default_rng(2).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(int8(x, training=False).numpy(),
+                                  plain(x, training=False).numpy())

@@ -89,9 +89,9 @@ def _check_int8_integer_inside(content, name):
     assert graph_report(content)["ops"].get("QUANTIZE", 0) >= 1, name
 
 
-# XNNPACK has no int8 kernels for these; SUSA's softmax and LayerNorm need the first four, and
-# a ReLU whose input is used elsewhere (the official fuse) or a 1x1 subsample cannot be folded.
-XNNPACK_INT8_GAPS = {"EXP", "DIV", "RSQRT", "SQUARED_DIFFERENCE", "RELU", "MAX_POOL_2D"}
+# XNNPACK has no int8 kernels for these; SUSA's softmax and LayerNorm need the first four, and a
+# 1x1 subsample cannot be folded. Not RELU: the official fuse's ReLU is written relu(2z) / 2.
+XNNPACK_INT8_GAPS = {"EXP", "DIV", "RSQRT", "SQUARED_DIFFERENCE", "MAX_POOL_2D"}
 
 
 def _check_xnnpack(fp32, int8, name):

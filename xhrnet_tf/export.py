@@ -126,15 +126,22 @@ def ptq_int8_hook(images: Iterable[np.ndarray], io_type: str):
     return hook
 
 
+def int8_graph_copy(config: Config, model):
+    """`model` rebuilt with `int8_graph=True` (see `build_pose_model`), same weights."""
+    from xhrnet_tf import build_pose_model  # pylint: disable=import-outside-toplevel
+    copy = build_pose_model(config, input_size=model.input_shape[1:3], int8_graph=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def equalized_copy(config: Config, model, images: List[np.ndarray]):
     """A copy of `model` with X-HRNet's outlier channels rescaled for int8 (same function).
 
     See `xhrnet_tf.equalize`: without it, channel 0 of each branch, which no shuffle unit
     ever transforms, dominates its tensor's int8 range. Returns (copy, scales).
     """
-    from xhrnet_tf import build_pose_model, equalize  # pylint: disable=import-outside-toplevel
-    copy = build_pose_model(config, input_size=model.input_shape[1:3])
-    copy.set_weights(model.get_weights())
+    from xhrnet_tf import equalize  # pylint: disable=import-outside-toplevel
+    copy = int8_graph_copy(config, model)
     model_cfg = config.model if isinstance(config, Config) else config
     scales, _ = equalize.equalize(copy, model_cfg, images[:64])
     return copy, scales
@@ -169,7 +176,7 @@ def ptq_int8(config: Config, model, images: List[np.ndarray], io_type: str = "fl
     held = max(1, len(images) // 5) if equalize and len(images) > 1 else 0
     fit, check = images[:len(images) - held], images[len(images) - held:]
     hook = ptq_int8_hook(fit, io_type)
-    variants = {"not equalised": to_tflite(model, converter_hook=hook)}
+    variants = {"not equalised": to_tflite(int8_graph_copy(config, model), converter_hook=hook)}
     if not equalize:
         return variants["not equalised"], {}
     from xhrnet_tf.equalize import summary  # pylint: disable=import-outside-toplevel
@@ -223,7 +230,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
                           "the other formats float weights; export them separately")
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
-    model = build_pose_model(config)
+    model = build_pose_model(config, int8_graph="qat" in formats)
     if "qat" in formats:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
         model, _ = qat.quantize_model(model)

@@ -38,7 +38,7 @@ def _input(model_cfg: ModelConfig, input_size: Optional[Sequence[int]]):
     return layers.Input(shape=(size[0], size[1], 3), name="image")
 
 
-def backbone_features(image, model_cfg: ModelConfig) -> List:
+def backbone_features(image, model_cfg: ModelConfig, int8_graph: bool = False) -> List:
     """Stem, three stages and the IterativeHead; returns [h0, h1, h2, h3], finest first."""
     x = blocks.stem(image, model_cfg.stem_channels)
     xs, prev_channels = [x], [model_cfg.stem_channels]
@@ -46,7 +46,7 @@ def backbone_features(image, model_cfg: ModelConfig) -> List:
         xs = blocks.transition(xs, prev_channels, spec.channels, f"transition{spec.index}")
         for k in range(spec.num_modules):
             xs = blocks.lite_module(xs, model_cfg, spec.channels, spec.num_blocks,
-                                    f"stage{spec.index}_module{k}")
+                                    f"stage{spec.index}_module{k}", int8_graph)
         prev_channels = list(spec.channels)
     return blocks.iterative_head(xs)
 
@@ -67,10 +67,14 @@ def build_backbone(config: Union[Config, ModelConfig], input_size: Optional[Sequ
 
 def build_pose_model(config: Union[Config, ModelConfig],
                      input_size: Optional[Sequence[int]] = None,
-                     name: str = "xhrnet_pose") -> tf_keras.Model:
-    """Top-down pose model: normalised image (N,H,W,3) -> heatmaps (N,H/4,W/4,num_joints)."""
+                     name: str = "xhrnet_pose", int8_graph: bool = False) -> tf_keras.Model:
+    """Top-down pose model: normalised image (N,H,W,3) -> heatmaps (N,H/4,W/4,num_joints).
+
+    `int8_graph=True` builds the same function, with the same weights, in the form that
+    converts to a faster int8 TFLite graph (`blocks.fuse`): for PTQ and QAT.
+    """
     model_cfg = _model_cfg(config)
     image = _input(model_cfg, input_size)
-    feats = backbone_features(image, model_cfg)
+    feats = backbone_features(image, model_cfg, int8_graph)
     heatmaps = blocks.heatmap_head(feats[0], model_cfg.num_joints)
     return tf_keras.Model(image, heatmaps, name=name)

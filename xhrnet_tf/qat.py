@@ -93,6 +93,9 @@ _REASONS = {
                        "channel by the converter"),
     "shared_add": ("custom", "sum read by more than its ReLU: output fake-quantised"),
     "passthrough": ("passthrough", "int8 kernel keeps the input scale"),
+    "relu_input": ("passthrough", "x2 before the fuse's ReLU: the converter fuses the two, "
+                                  "which then take the ReLU's range"),
+    "scale": ("custom", "constant rescaling: output fake-quantised"),
     "default": ("default", "tfmot 8-bit scheme (per-channel weights; conv+BN(+ReLU) "
                            "quantised as one)"),
 }
@@ -106,6 +109,11 @@ def _classify(layer) -> str:
         return "shared_add"
     if isinstance(layer, _PASSTHROUGH + _STOCK_PASSTHROUGH):
         return "passthrough"
+    if isinstance(layer, tf_keras.layers.Rescaling):
+        consumers = [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
+        if len(consumers) == 1 and isinstance(consumers[0], tf_keras.layers.ReLU):
+            return "relu_input"
+        return "scale"
     return "default"
 
 
@@ -119,7 +127,8 @@ def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[st
     """QAT version of a float X-HRNet (its weights included) and the per-layer report."""
     qk = _tfmot()
     no_quant, out_quant = _config_classes()
-    configs = {"susa": out_quant, "shared_add": out_quant, "passthrough": no_quant}
+    configs = {"susa": out_quant, "shared_add": out_quant, "passthrough": no_quant,
+               "relu_input": no_quant, "scale": out_quant}
     clones = {}
 
     def annotate(layer):

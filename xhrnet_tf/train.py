@@ -80,7 +80,7 @@ def check_model_dir(cfg: Config, model_dir: str, write: bool) -> None:
 
 def build_model(cfg: Config, init: bool = True):
     """The model a config trains: float X-HRNet, its init_weights, and QAT if asked."""
-    model = build_pose_model(cfg)
+    model = build_pose_model(cfg, int8_graph=cfg.train.qat)
     path = cfg.train.init_weights
     if init and path:
         if not os.path.isfile(path):

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -81,7 +81,8 @@ def unit_scale_weights(model, seed: int = 0) -> None:
         layer.momentum = m
 
 
-def build_models(configs: List[str]) -> Dict[str, object]:
+def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]]]:
+    """name -> (model, its Config; None for MobileNetV2-SB)."""
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "configs")
@@ -89,16 +90,21 @@ def build_models(configs: List[str]) -> Dict[str, object]:
     for name in list(configs) + [PEER_WNL]:
         path = name if name.endswith(".yaml") else os.path.join(root, f"{name}.yaml")
         key = os.path.splitext(os.path.basename(path))[0]
-        models[key] = xhrnet_tf.build_pose_model(xhrnet_tf.load_config(path))
-        unit_scale_weights(models[key])
-    models[PEER_MNV2] = mobilenetv2_simplebaseline()
+        cfg = xhrnet_tf.load_config(path)
+        models[key] = (xhrnet_tf.build_pose_model(cfg), cfg)
+        unit_scale_weights(models[key][0])
+    models[PEER_MNV2] = (mobilenetv2_simplebaseline(), None)
     return models
 
 
-def convert(model, fmt: str) -> bytes:
-    from xhrnet_tf.export import format_hook, ptq_int8_hook  # pylint: disable=import-outside-toplevel
+def convert(model, fmt: str, config=None) -> bytes:
+    """The package's converter; int8 of an X-HRNet/WNL model (config given) from its
+    int8 graph, as `export` does."""
+    from xhrnet_tf.export import format_hook, int8_graph_copy, ptq_int8_hook  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     if fmt == "int8":
+        if config is not None:
+            model = int8_graph_copy(config, model)
         rng = np.random.default_rng(0)
         shape = (1,) + tuple(model.input_shape[1:])
         images = [rng.normal(size=shape).astype(np.float32) for _ in range(8)]
@@ -131,9 +137,9 @@ def run(configs: List[str], formats: List[str], threads: List[int], runs: int) -
     from xhrnet_tf.tflite_utils import graph_report, xnnpack_report  # pylint: disable=import-outside-toplevel
     models = build_models(configs)
     contents, rows = {}, []
-    for name, model in models.items():
+    for name, (model, cfg) in models.items():
         for fmt in formats:
-            content = convert(model, fmt)
+            content = convert(model, fmt, cfg)
             contents[(name, fmt)] = content
             report = graph_report(content)
             xnn = xnnpack_report(content)

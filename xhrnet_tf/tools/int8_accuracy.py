@@ -56,10 +56,11 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     equalized, _ = export.equalized_copy(cfg, model, calib)
     variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
                 "int8 PTQ, not equalised (.tflite)": _tflite_predict(
-                    to_tflite(model, converter_hook=hook)),
+                    to_tflite(export.int8_graph_copy(cfg, model), converter_hook=hook)),
                 "int8 PTQ (.tflite)": _tflite_predict(to_tflite(equalized, converter_hook=hook))}
     if qat_weights:
-        qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg))
+        qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg,
+                                                                  int8_graph=True))
         qmodel.load_weights(qat_weights)
         variants["int8 QAT (.tflite)"] = _tflite_predict(
             to_tflite(qmodel, converter_hook=qat.int8_hook()))

@@ -154,6 +154,7 @@ def _model_content(args) -> bytes:
         with open(args.tflite, "rb") as f:
             return f.read()
     from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
+    cfg = None
     if args.config == bench_tflite.PEER_MNV2:
         model = bench_tflite.mobilenetv2_simplebaseline()
     else:
@@ -162,9 +163,10 @@ def _model_content(args) -> bytes:
             os.path.abspath(__file__)))), "configs")
         path = args.config if args.config.endswith(".yaml") else os.path.join(
             root, f"{args.config}.yaml")
-        model = xhrnet_tf.build_pose_model(xhrnet_tf.load_config(path))
+        cfg = xhrnet_tf.load_config(path)
+        model = xhrnet_tf.build_pose_model(cfg)
         bench_tflite.unit_scale_weights(model)
-    return bench_tflite.convert(model, args.format)
+    return bench_tflite.convert(model, args.format, cfg)
 
 
 def print_profile(res: Dict, top: int) -> None:
