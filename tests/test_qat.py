@@ -11,7 +11,7 @@ import xhrnet_tf.config
 from xhrnet_tf import qat
 from xhrnet_tf.layers import SUSA
 from xhrnet_tf.tflite_utils import (float_kernels, gpu_compatibility, graph_report, interpreter,
-                                    to_tflite)
+                                    to_tflite, xnnpack_report)
 
 from conftest import randomise_weights, run_train, tiny_config
 
@@ -22,7 +22,7 @@ def quantized():
     from xhrnet_tf.config import Config
     import dataclasses
     cfg = dataclasses.replace(Config(), model=tiny_config())
-    model = build_pose_model(cfg)
+    model = build_pose_model(cfg, int8_graph=True)  # what train.qat builds
     randomise_weights(model, seed=4, scale=0.2)
     q, rows = qat.quantize_model(model)
     return cfg, model, q, rows
@@ -65,6 +65,8 @@ def test_qat_model_keeps_float_weights_and_converts_to_integer_tflite(quantized)
     report = graph_report(content)
     assert report["custom_or_flex_ops"] == [] and report["max_rank"] <= 4
     assert gpu_compatibility(content) == []
+    # The fuse's ReLU fuses into a MUL (int8_graph): only SUSA's EXP/DIV/RSQRT stay outside.
+    assert set(xnnpack_report(content)["undelegated_ops"]) <= {"EXP", "DIV", "RSQRT"}
     interp = interpreter(content)
     interp.set_tensor(interp.get_input_details()[0]["index"], x[:1])
     interp.invoke()
@@ -78,7 +80,7 @@ def test_qat_checkpoint_round_trip(quantized, tmp_path):
     q(x, training=True)
     ref = q(x, training=False).numpy()
     path = tf.train.Checkpoint(model=q).save(str(tmp_path / "ckpt"))
-    fresh, _ = qat.quantize_model(xhrnet_tf.build_pose_model(cfg))
+    fresh, _ = qat.quantize_model(xhrnet_tf.build_pose_model(cfg, int8_graph=True))
     tf.train.Checkpoint(model=fresh).restore(path).assert_existing_objects_matched()
     np.testing.assert_array_equal(fresh(x, training=False).numpy(), ref)
 
