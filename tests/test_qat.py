@@ -142,7 +142,7 @@ def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     model.save_weights(str(tmp_path / "f.weights.h5"))
     res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8)
     assert set(res) == {"float (Keras)", "int8 PTQ, not equalised (.tflite)",
-                        "int8 PTQ (.tflite)"}
+                        "int8 PTQ, equalised (.tflite)"}
     assert res["float (Keras)"]["mean_dist_hm_px"] == 0.0
     for r in res.values():
         assert 0.0 <= r["AP"] <= 1.0 and r["instances"] > 0

@@ -57,7 +57,8 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
                 "int8 PTQ, not equalised (.tflite)": _tflite_predict(
                     to_tflite(export.int8_graph_copy(cfg, model), converter_hook=hook)),
-                "int8 PTQ (.tflite)": _tflite_predict(to_tflite(equalized, converter_hook=hook))}
+                "int8 PTQ, equalised (.tflite)": _tflite_predict(
+                    to_tflite(equalized, converter_hook=hook))}
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg,
                                                                   int8_graph=True))
