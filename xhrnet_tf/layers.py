@@ -99,7 +99,7 @@ class SUSA(tf_keras.layers.Layer):
 
     _INTERNAL = ("query", "max", "shifted", "exp", "den", "product", "num", "pooled",
                  "centred", "square", "var", "var_eps", "rsqrt", "normed", "scaled", "ln",
-                 "gate", "weighted", "weighted_sum")
+                 "gate")
 
     def _build_quantizers(self):
         from tensorflow_model_optimization.quantization.keras import quantizers  # pylint: disable=import-outside-toplevel
@@ -121,15 +121,17 @@ class SUSA(tf_keras.layers.Layer):
             self.group_weight, self.mean_kernel, self.mean_bias, self.conv_kernel,
             self.conv_bias, self.ln_gamma, self.ln_beta)]
 
-    def _query(self, x, group_weight, mean_kernel, mean_bias, training):
+    def _query(self, x, group_weight, mean_kernel, mean_bias):
         """Weighted mean along the pool axis, then mean_conv (per-channel scale and bias).
 
         Both are linear, so they fold into one (length, C) weight, applied in one of two
         forms. TensorFlow runs a depthwise conv whose kernel spans the pool axis fastest
         (MUL + SUM instead made x18 training 28% slower). XNNPACK runs that conv as a
         grouped GEMM with one channel per group, wasting 15 of every 16 lanes, so graphs
-        traced for TFLite (`tflite_graph`) and QAT (whose ranges must be those of the
-        converted graph) use MUL + SUM: x18 fp32 14.2 -> 12.5 ms (tools/profile_tflite).
+        traced for TFLite (`tflite_graph`) use MUL + SUM: x18 fp32 14.2 -> 12.5 ms
+        (tools/profile_tflite). QAT keeps the depthwise form, trained and converted: in int8
+        the MUL + SUM form rounds the full-size product to int8 before summing, and the one
+        QAT run with it ended 6.4 AP points below the float control (2.7 with this form).
         """
         length = x.shape[self._pool_axis]
         if length is None:  # spatial size known only at run time: shapes pack the tensor
@@ -141,13 +143,12 @@ class SUSA(tf_keras.layers.Layer):
         g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
         kernel = (tf.reshape(g, const(g_shape))
                   * tf.reshape(mean_kernel / divisor, const((1, 1, x.shape[-1], 1))))
-        if not (self.fake_quant or getattr(_TRACE, "tflite", False)):
+        if self.fake_quant or not getattr(_TRACE, "tflite", False):
             q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
             return q + mean_bias
         kernel = tf.reshape(kernel, const(g_shape[:2] + (x.shape[-1],)))
-        weighted = self._fq("weighted", x * kernel, training)
-        pooled = tf.reduce_sum(weighted, axis=const(self._pool_axis), keepdims=True)
-        return self._fq("weighted_sum", pooled, training) + mean_bias
+        pooled = tf.reduce_sum(x * kernel, axis=const(self._pool_axis), keepdims=True)
+        return pooled + mean_bias
 
     @staticmethod
     def _centred_conv(t, conv_kernel, conv_bias):
@@ -186,7 +187,7 @@ class SUSA(tf_keras.layers.Layer):
         group_weight, mean_kernel, mean_bias, conv_kernel, conv_bias, ln_gamma, ln_beta = params
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         axis = shared_constant(self._attend_axis)
-        q = fq("query", self._query(x, group_weight, mean_kernel, mean_bias, training))
+        q = fq("query", self._query(x, group_weight, mean_kernel, mean_bias))
         # q is (N,1,w,c) for 'h', (N,h,1,c) for 'w'. Softmax along the attend axis, normalised
         # after the weighted sum: sum(x*e)/sum(e) equals sum(x*softmax(q)) and divides a
         # tensor smaller by a factor of the length.
