@@ -81,19 +81,27 @@ def unit_scale_weights(model, seed: int = 0) -> None:
         layer.momentum = m
 
 
-def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]]]:
-    """name -> (model, its Config; None for MobileNetV2-SB)."""
+def bench_model(name: str) -> Tuple[str, object, Optional[object]]:
+    """(key, model with bench weights, its Config) for a config name in configs/, a YAML
+    path, or PEER_MNV2 (no Config)."""
+    if name == PEER_MNV2:
+        return PEER_MNV2, mobilenetv2_simplebaseline(), None
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__)))), "configs")
+    path = name if name.endswith(".yaml") else os.path.join(root, f"{name}.yaml")
+    cfg = xhrnet_tf.load_config(path)
+    model = xhrnet_tf.build_pose_model(cfg)
+    unit_scale_weights(model)
+    return os.path.splitext(os.path.basename(path))[0], model, cfg
+
+
+def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]]]:
+    """name -> (model, its Config; None for MobileNetV2-SB)."""
     models = {}
-    for name in list(configs) + [PEER_WNL]:
-        path = name if name.endswith(".yaml") else os.path.join(root, f"{name}.yaml")
-        key = os.path.splitext(os.path.basename(path))[0]
-        cfg = xhrnet_tf.load_config(path)
-        models[key] = (xhrnet_tf.build_pose_model(cfg), cfg)
-        unit_scale_weights(models[key][0])
-    models[PEER_MNV2] = (mobilenetv2_simplebaseline(), None)
+    for name in list(configs) + [PEER_WNL, PEER_MNV2]:
+        key, model, cfg = bench_model(name)
+        models[key] = (model, cfg)
     return models
 
 

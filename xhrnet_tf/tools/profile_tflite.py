@@ -154,18 +154,7 @@ def _model_content(args) -> bytes:
         with open(args.tflite, "rb") as f:
             return f.read()
     from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
-    cfg = None
-    if args.config == bench_tflite.PEER_MNV2:
-        model = bench_tflite.mobilenetv2_simplebaseline()
-    else:
-        import xhrnet_tf  # pylint: disable=import-outside-toplevel
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__)))), "configs")
-        path = args.config if args.config.endswith(".yaml") else os.path.join(
-            root, f"{args.config}.yaml")
-        cfg = xhrnet_tf.load_config(path)
-        model = xhrnet_tf.build_pose_model(cfg)
-        bench_tflite.unit_scale_weights(model)
+    _, model, cfg = bench_tflite.bench_model(args.config)
     return bench_tflite.convert(model, args.format, cfg)
 
 
