@@ -111,13 +111,26 @@ def test_delegate_compatibility_and_integer_int8(exported):
     _check_xnnpack(fp32, int8, "tiny")
 
 
-def _depthwise_kernels(content):
+def _op_tensor_shapes(content, op_name, key="inputs", index=0):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType  # pylint: disable=import-outside-toplevel
     interp = Interpreter(model_content=content, experimental_op_resolver_type=(
         OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
-    shapes = {t["index"]: tuple(t["shape"]) for t in interp.get_tensor_details()}
-    return [shapes[op["inputs"][1]][1:3] for op in interp._get_ops_details()  # pylint: disable=protected-access
-            if op["op_name"] == "DEPTHWISE_CONV_2D"]
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interp.get_tensor_details()}
+    return [shapes[op[key][index]] for op in interp._get_ops_details()  # pylint: disable=protected-access
+            if op["op_name"] == op_name]
+
+
+def _depthwise_kernels(content):
+    return [shape[1:3] for shape in _op_tensor_shapes(content, "DEPTHWISE_CONV_2D", index=1)]
+
+
+def test_int8_divides_only_per_channel_sums(exported):
+    """XNNPACK has no int8 DIV, and TFLite's costs a reciprocal per element: SUSA divides
+    only its softmax denominators (one value per channel) and multiplies the rest."""
+    int8 = (exported[0] / "out" / "model_int8.tflite").read_bytes()
+    quotients = _op_tensor_shapes(int8, "DIV", key="outputs")
+    assert quotients, "no DIV: SUSA's softmax normalisation is gone from the graph"
+    assert all(shape[1:3] == (1, 1) for shape in quotients), quotients
 
 
 def test_susa_query_is_not_a_depthwise_conv_in_tflite(exported):

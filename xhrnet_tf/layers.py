@@ -97,7 +97,7 @@ class SUSA(tf_keras.layers.Layer):
             self._build_quantizers()
         super().build(input_shape)
 
-    _INTERNAL = ("query", "max", "shifted", "exp", "den", "product", "num", "pooled",
+    _INTERNAL = ("query", "max", "shifted", "exp", "den", "product", "num", "recip", "pooled",
                  "centred", "square", "var", "var_eps", "rsqrt", "normed", "scaled", "ln",
                  "gate")
 
@@ -195,7 +195,10 @@ class SUSA(tf_keras.layers.Layer):
         e = fq("exp", tf.exp(shifted))
         num = fq("num", tf.reduce_sum(fq("product", x * e), axis=axis, keepdims=True))
         den = fq("den", tf.reduce_sum(e, axis=axis, keepdims=True))
-        t = fq("pooled", num / den)
+        # A reciprocal of the small den, then a MUL: TFLite's int8 DIV (a reciprocal per
+        # element) on num took 2.8 ms of X-HRNet-18's 16.5 ms int8 run, XNNPACK does not take
+        # it, and it takes the MUL (int8 16.5 -> 13.2 ms; PTQ AP unchanged, 0.360 / 0.357).
+        t = fq("pooled", num * fq("recip", tf.math.reciprocal(den)))
         centred = fq("centred", self._centred_conv(t, conv_kernel, conv_bias))
         gate, normed, rstd = self._gate(centred, ln_gamma, ln_beta, training)
         y = x * gate if self.fusion == "mul" else x + gate
