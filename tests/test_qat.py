@@ -140,10 +140,14 @@ def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     model = xhrnet_tf.build_pose_model(cfg)
     randomise_weights(model, seed=6, scale=0.2)
     model.save_weights(str(tmp_path / "f.weights.h5"))
-    res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8)
+    # The control is the same weights here, so it must score exactly as the float model.
+    res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8,
+                                control_weights=str(tmp_path / "f.weights.h5"))
     assert set(res) == {"float (Keras)", "int8 PTQ, not equalised (.tflite)",
-                        "int8 PTQ, equalised (.tflite)"}
+                        "int8 PTQ, equalised (.tflite)", int8_accuracy.CONTROL}
     assert res["float (Keras)"]["mean_dist_hm_px"] == 0.0
+    assert res[int8_accuracy.CONTROL]["mean_dist_hm_px"] == 0.0
+    assert res[int8_accuracy.CONTROL]["AP"] == res["float (Keras)"]["AP"]
     for r in res.values():
         assert 0.0 <= r["AP"] <= 1.0 and r["instances"] > 0
         assert np.isfinite(r["mean_dist_hm_px"])

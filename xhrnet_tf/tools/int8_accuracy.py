@@ -3,12 +3,15 @@
     python -m xhrnet_tf.tools.int8_accuracy --config configs/quickstart.yaml \\
         --weights runs/quickstart/best.weights.h5 \\
         [--qat_config configs/quickstart_qat.yaml --qat_weights runs/quickstart_qat/final.weights.h5]
+        [--control_weights runs/quickstart_float_ft/final.weights.h5]
         [--annotations person_keypoints_val2017.json --images DIR]   # else the config's val set
 
 Every variant sees the same evaluation crops (ground-truth boxes) with the config's flip test
 and decoding. Printed per variant: COCO keypoint AP (pycocotools) and the mean distance, in
 heatmap pixels, of its keypoints from the float model's. PTQ is calibrated on the config's
 training TFRecords (else on the synthetic set), never on the evaluation crops.
+`--control_weights` adds the fair reference for QAT: the float model fine-tuned with QAT's
+schedule in float (configs/quickstart_float_ft.yaml), scored the same way, and the gap.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ import tempfile
 from typing import Callable, Dict
 
 import numpy as np
+
+
+QAT, CONTROL = "int8 QAT (.tflite)", "float control: QAT's schedule in float (Keras)"
 
 
 def _tflite_predict(content: bytes) -> Callable[[np.ndarray], np.ndarray]:
@@ -42,7 +48,7 @@ def _eval_shards(cfg, annotations, images, tmp):
 
 
 def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, images=None,
-            calibration_samples=200) -> Dict[str, Dict[str, float]]:
+            calibration_samples=200, control_weights=None) -> Dict[str, Dict[str, float]]:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf import evaluate, export, qat  # pylint: disable=import-outside-toplevel
@@ -59,11 +65,16 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
                     to_tflite(export.int8_graph_copy(cfg, model), converter_hook=hook)),
                 "int8 PTQ, equalised (.tflite)": _tflite_predict(
                     to_tflite(equalized, converter_hook=hook))}
+    if control_weights:
+        control = xhrnet_tf.build_pose_model(cfg)
+        control.load_weights(control_weights)
+        control_fn = tf.function(lambda x: control(x, training=False))
+        variants[CONTROL] = lambda x: control_fn(tf.constant(x)).numpy()
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg,
                                                                   int8_graph=True))
         qmodel.load_weights(qat_weights)
-        variants["int8 QAT (.tflite)"] = _tflite_predict(
+        variants[QAT] = _tflite_predict(
             to_tflite(qmodel, converter_hook=qat.int8_hook()))
     with tempfile.TemporaryDirectory() as tmp:
         files, ann = _eval_shards(cfg, annotations, images, tmp)
@@ -93,22 +104,27 @@ def main(argv=None) -> int:
     p.add_argument("--qat_weights", help="weights saved by a train.qat run")
     p.add_argument("--annotations", help="COCO keypoint json to evaluate on (with --images)")
     p.add_argument("--images")
+    p.add_argument("--control_weights",
+                   help="float weights fine-tuned with QAT's schedule in float: QAT's reference")
     p.add_argument("--calibration_samples", type=int, default=200)
     args = p.parse_args(argv)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
-    for path in (args.weights, args.qat_weights):
+    for path in (args.weights, args.qat_weights, args.control_weights):
         if path and not os.path.isfile(path):
             print(f"error: {path}: weights file not found", file=sys.stderr)
             return 1
     cfg = xhrnet_tf.load_config(args.config)
     qat_cfg = xhrnet_tf.load_config(args.qat_config) if args.qat_config else None
     res = compare(cfg, args.weights, qat_cfg, args.qat_weights, args.annotations, args.images,
-                  args.calibration_samples)
+                  args.calibration_samples, args.control_weights)
     n = next(iter(res.values()))["instances"]
     print(f"\n{n} instances; distances are to the float model's keypoints, in heatmap pixels\n")
     print("| model | AP | AP50 | mean distance (hm px) |\n|---|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['AP']:.4f} | {r['AP50']:.4f} | {r['mean_dist_hm_px']:.3f} |")
+    if QAT in res and CONTROL in res:
+        gap = 100 * (res[QAT]["AP"] - res[CONTROL]["AP"])
+        print(f"\nQAT int8 - float control: {gap:+.2f} AP points (goal: no more than 1.0 below)")
     return 0
 
 
