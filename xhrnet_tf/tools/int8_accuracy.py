@@ -27,6 +27,12 @@ import numpy as np
 QAT, CONTROL = "int8 QAT (.tflite)", "float control: QAT's schedule in float (Keras)"
 
 
+def _keras_predict(model) -> Callable[[np.ndarray], np.ndarray]:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    fn = tf.function(lambda x: model(x, training=False))
+    return lambda x: fn(tf.constant(x)).numpy()
+
+
 def _tflite_predict(content: bytes) -> Callable[[np.ndarray], np.ndarray]:
     from xhrnet_tf.inference import PoseEstimator  # pylint: disable=import-outside-toplevel
     with tempfile.NamedTemporaryFile(suffix=".tflite", delete=False) as f:
@@ -49,7 +55,6 @@ def _eval_shards(cfg, annotations, images, tmp):
 
 def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, images=None,
             calibration_samples=200, control_weights=None) -> Dict[str, Dict[str, float]]:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf import evaluate, export, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -57,10 +62,9 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     model = xhrnet_tf.build_pose_model(cfg)
     model.load_weights(weights)
     calib = export.training_calibration_images(cfg, calibration_samples)
-    keras_fn = tf.function(lambda x: model(x, training=False))
     hook = export.ptq_int8_hook(calib, "float")
     equalized, _ = export.equalized_copy(cfg, model, calib)
-    variants = {"float (Keras)": lambda x: keras_fn(tf.constant(x)).numpy(),
+    variants = {"float (Keras)": _keras_predict(model),
                 "int8 PTQ, not equalised (.tflite)": _tflite_predict(
                     to_tflite(export.int8_graph_copy(cfg, model), converter_hook=hook)),
                 "int8 PTQ, equalised (.tflite)": _tflite_predict(
@@ -68,8 +72,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)
         control.load_weights(control_weights)
-        control_fn = tf.function(lambda x: control(x, training=False))
-        variants[CONTROL] = lambda x: control_fn(tf.constant(x)).numpy()
+        variants[CONTROL] = _keras_predict(control)
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg,
                                                                   int8_graph=True))
