@@ -161,6 +161,21 @@ def tflite_heatmaps(content: bytes, images: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(results)
 
 
+def ptq_variants(config: Config, model, images: List[np.ndarray], io_type: str = "float",
+                 equalize: bool = True) -> Dict[str, bytes]:
+    """Full-integer PTQ of the int8 graph calibrated on `images`: {"not equalised": tflite,
+    "equalised": tflite (if `equalize`)}."""
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    hook = ptq_int8_hook(images, io_type)
+    variants = {"not equalised": to_tflite(int8_graph_copy(config, model), converter_hook=hook)}
+    if equalize:
+        from xhrnet_tf.equalize import summary  # pylint: disable=import-outside-toplevel
+        equalised, scales = equalized_copy(config, model, images)
+        print("int8: " + summary(scales))
+        variants["equalised"] = to_tflite(equalised, converter_hook=hook)
+    return variants
+
+
 def ptq_int8(config: Config, model, images: List[np.ndarray], io_type: str = "float",
              equalize: bool = True) -> Tuple[bytes, Dict[str, float]]:
     """Full-integer PTQ, with and without the channel-0 equalisation, keeping the one whose
@@ -172,17 +187,11 @@ def ptq_int8(config: Config, model, images: List[np.ndarray], io_type: str = "fl
     calibration, picked the better one where they differed by several points of AP (the mean
     keypoint distance over all joints did not). Returns the .tflite and the errors by variant.
     """
-    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     held = max(1, len(images) // 5) if equalize and len(images) > 1 else 0
     fit, check = images[:len(images) - held], images[len(images) - held:]
-    hook = ptq_int8_hook(fit, io_type)
-    variants = {"not equalised": to_tflite(int8_graph_copy(config, model), converter_hook=hook)}
+    variants = ptq_variants(config, model, fit, io_type, equalize)
     if not equalize:
         return variants["not equalised"], {}
-    from xhrnet_tf.equalize import summary  # pylint: disable=import-outside-toplevel
-    equalised, scales = equalized_copy(config, model, fit)
-    print("int8: " + summary(scales))
-    variants["equalised"] = to_tflite(equalised, converter_hook=hook)
     ref = model(np.concatenate(check), training=False).numpy()
     errors = {name: float(np.sum((tflite_heatmaps(c, check) - ref) ** 2) / np.sum(ref ** 2))
               for name, c in variants.items()}

@@ -62,13 +62,9 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     model = xhrnet_tf.build_pose_model(cfg)
     model.load_weights(weights)
     calib = export.training_calibration_images(cfg, calibration_samples)
-    hook = export.ptq_int8_hook(calib, "float")
-    equalized, _ = export.equalized_copy(cfg, model, calib)
-    variants = {"float (Keras)": _keras_predict(model),
-                "int8 PTQ, not equalised (.tflite)": _tflite_predict(
-                    to_tflite(export.int8_graph_copy(cfg, model), converter_hook=hook)),
-                "int8 PTQ, equalised (.tflite)": _tflite_predict(
-                    to_tflite(equalized, converter_hook=hook))}
+    variants = {"float (Keras)": _keras_predict(model)}
+    for name, content in export.ptq_variants(cfg, model, calib).items():
+        variants[f"int8 PTQ, {name} (.tflite)"] = _tflite_predict(content)
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)
         control.load_weights(control_weights)
