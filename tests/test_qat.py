@@ -74,6 +74,41 @@ def test_qat_model_keeps_float_weights_and_converts_to_integer_tflite(quantized)
     assert np.corrcoef(lite.ravel(), out[:1].ravel())[0, 1] > 0.98
 
 
+def test_depthwise_kernels_are_quantised_per_channel():
+    """tfmot gives a depthwise kernel one int8 range for all channels; the converter quantises
+    the BN-folded kernel per channel. QAT must train what the .tflite runs."""
+    import tf_keras
+    inp = tf_keras.Input((8, 8, 4))
+    x = tf_keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(inp)
+    model = tf_keras.Model(inp, tf_keras.layers.BatchNormalization(name="dw_bn")(x))
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 4, 1)).astype(np.float32)
+    scale = 10.0 ** -np.arange(4, dtype=np.float32)  # 1 ... 1e-3, undone by the BN
+    kernel *= scale[None, None, :, None]
+    model.get_layer("dw").set_weights([kernel])
+    model.get_layer("dw_bn").set_weights([1 / scale, np.zeros(4), np.zeros(4), np.ones(4)])
+    q, rows = qat.quantize_model(model)
+    assert dict((name, kind) for name, kind, _ in rows) == {"dw": "custom", "dw_bn": "custom"}
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    for _ in range(3):
+        q(x, training=True)
+    wrapper = q.get_layer("quant_dw")
+    (weight, quantizer, variables), = wrapper._weight_vars  # pylint: disable=protected-access
+    assert tuple(variables["min_var"].shape) == (4,)
+    fq = quantizer(weight, False, variables).numpy()
+    # Within half a step of each channel's own grid; one range for all channels would round
+    # the 1e-3 channel to zero.
+    step = np.abs(kernel).max((0, 1, 3)) / 127
+    assert np.all(np.abs(fq - kernel) <= step[None, None, :, None] * 0.5 + 1e-9)
+    interp = interpreter(to_tflite(q, converter_hook=qat.int8_hook()))
+    interp.set_tensor(interp.get_input_details()[0]["index"], x[:1])
+    interp.invoke()
+    lite = interp.get_tensor(interp.get_output_details()[0]["index"])
+    keras = q(x[:1], training=False).numpy()
+    for c in range(4):  # the .tflite runs the model QAT trained, channel by channel
+        err = np.abs(lite[..., c] - keras[..., c]).max() / np.abs(keras[..., c]).max()
+        assert err < 0.05, (c, err)
+
+
 def test_qat_checkpoint_round_trip(quantized, tmp_path):
     cfg, _, q, _ = quantized
     x = _images(2, seed=1)

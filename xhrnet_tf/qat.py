@@ -9,6 +9,9 @@ quantize configs here:
   is fake-quantised by its quantize config. Its kernels are computed from several variables
   (the query kernel is group weights x mean kernel; the LayerNorm mean is folded into the
   conv), so the converter quantises them per channel from their trained float values.
+* `DepthwiseConv2D` + its BN: the kernel gets one int8 range per channel. tfmot's conv
+  quantizer is per-axis over the kernel's last axis, a depthwise kernel's depth multiplier,
+  so it trains one range for all channels while the converter quantises per channel.
 * `ChannelSplit`, `NearestUpsample`, `BilinearResize`, `Subsample2x`: move or interpolate
   values without changing their range, so the int8 kernels keep the input's scale; no
   quantiser is needed and none is added.
@@ -21,6 +24,7 @@ import collections
 import functools
 from typing import Dict, List, Tuple
 
+import tensorflow as tf
 import tf_keras
 
 from xhrnet_tf.layers import (CUSTOM_OBJECTS, SUSA, BilinearResize, ChannelSplit,
@@ -70,13 +74,49 @@ def _config_classes():
             return [qk.quantizers.MovingAverageQuantizer(
                 num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
 
-    return NoQuantizeConfig, OutputQuantizeConfig
+    class DepthwiseKernelQuantizer(qk.quantizers.LastValueQuantizer):
+        """Per-channel int8 range for a depthwise kernel (kh, kw, C, 1).
+
+        tfmot's conv weight quantizer is per-axis over the kernel's last axis, which for a
+        depthwise kernel is the depth multiplier: one range for all C channels
+        (tensorflow/model-optimization#808), while the converter quantises the BN-folded
+        kernel per channel. The channel axis is moved last for the per-channel fake quant.
+        """
+
+        def __init__(self):
+            super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
+
+        def build(self, tensor_shape, name, layer):
+            kh, kw, c, m = tensor_shape
+            return super().build([kh, kw, m, c], name, layer)
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            swapped = tf.transpose(inputs, (0, 1, 3, 2))
+            return tf.transpose(super().__call__(swapped, training, weights, **kwargs),
+                                (0, 1, 3, 2))
+
+        def get_config(self):
+            return {}
+
+    class DepthwiseQuantizeConfig(NoQuantizeConfig):
+        """A depthwise conv read only by its BN: per-channel kernel, no range of its own
+        (the BN's output carries it, as the converter fuses the two)."""
+
+        def get_weights_and_quantizers(self, layer):
+            return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            layer.depthwise_kernel = quantize_weights[0]
+
+    return NoQuantizeConfig, OutputQuantizeConfig, DepthwiseQuantizeConfig, \
+        DepthwiseKernelQuantizer
 
 
 def quantize_scope():
     """Scope in which QAT models (and their checkpoints) deserialize."""
-    no_quant, out_quant = _config_classes()
-    objects = dict(CUSTOM_OBJECTS, NoQuantizeConfig=no_quant, OutputQuantizeConfig=out_quant)
+    no_quant, out_quant, dw_quant, dw_kernel = _config_classes()
+    objects = dict(CUSTOM_OBJECTS, NoQuantizeConfig=no_quant, OutputQuantizeConfig=out_quant,
+                   DepthwiseQuantizeConfig=dw_quant, DepthwiseKernelQuantizer=dw_kernel)
     return _tfmot().quantize_scope(objects)
 
 
@@ -88,6 +128,19 @@ def _shared_add(layer) -> bool:
     return isinstance(layer, tf_keras.layers.Add) and len(layer._outbound_nodes) > 1  # pylint: disable=protected-access
 
 
+def _consumers(layer) -> list:
+    return [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
+
+
+def _depthwise_bn(layer) -> bool:
+    """A linear depthwise conv read only by a BatchNormalization (every one in X-HRNet)."""
+    if not isinstance(layer, tf_keras.layers.DepthwiseConv2D) or \
+            layer.get_config()["activation"] != "linear":
+        return False
+    consumers = _consumers(layer)
+    return len(consumers) == 1 and isinstance(consumers[0], tf_keras.layers.BatchNormalization)
+
+
 _REASONS = {
     "susa": ("custom", "output and all internal tensors fake-quantised; kernels quantised per "
                        "channel by the converter"),
@@ -96,6 +149,10 @@ _REASONS = {
     "relu_input": ("passthrough", "x2 before the fuse's ReLU: the converter fuses the two, "
                                   "which then take the ReLU's range"),
     "scale": ("custom", "constant rescaling: output fake-quantised"),
+    "depthwise": ("custom", "depthwise kernel quantised per channel (tfmot: one range for all "
+                            "channels); its BN carries the range"),
+    "depthwise_bn": ("custom", "BN of a depthwise conv: output fake-quantised (fused by the "
+                               "converter)"),
     "default": ("default", "tfmot 8-bit scheme (per-channel weights; conv+BN(+ReLU) "
                            "quantised as one)"),
 }
@@ -109,8 +166,13 @@ def _classify(layer) -> str:
         return "shared_add"
     if isinstance(layer, _PASSTHROUGH + _STOCK_PASSTHROUGH):
         return "passthrough"
+    if _depthwise_bn(layer):
+        return "depthwise"
+    if isinstance(layer, tf_keras.layers.BatchNormalization) and \
+            _depthwise_bn(layer._inbound_nodes[0].inbound_layers):  # pylint: disable=protected-access
+        return "depthwise_bn"
     if isinstance(layer, tf_keras.layers.Rescaling):
-        consumers = [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
+        consumers = _consumers(layer)
         if len(consumers) == 1 and isinstance(consumers[0], tf_keras.layers.ReLU):
             return "relu_input"
         return "scale"
@@ -126,9 +188,10 @@ def describe(model: tf_keras.Model) -> List[Tuple[str, str, str]]:
 def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[str, str, str]]]:
     """QAT version of a float X-HRNet (its weights included) and the per-layer report."""
     qk = _tfmot()
-    no_quant, out_quant = _config_classes()
+    no_quant, out_quant, dw_quant, _ = _config_classes()
     configs = {"susa": out_quant, "shared_add": out_quant, "passthrough": no_quant,
-               "relu_input": no_quant, "scale": out_quant}
+               "relu_input": no_quant, "scale": out_quant, "depthwise": dw_quant,
+               "depthwise_bn": out_quant}
     clones = {}
 
     def annotate(layer):
