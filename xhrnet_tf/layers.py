@@ -114,6 +114,28 @@ class SUSA(tf_keras.layers.Layer):
         quantizer, weights = self._quantizers[tensor]
         return quantizer(x, training, weights)
 
+    def _kernel_fq(self, kernel, depthwise=False):
+        """QAT: a computed kernel on the converter's int8 grid (symmetric, one scale per
+        output channel), so training sees the weights the .tflite runs."""
+        if not self.fake_quant:
+            return kernel
+        if depthwise:  # (h, w, C, 1): the channels are the output channels
+            return tf.transpose(self._kernel_fq(tf.transpose(kernel, (0, 1, 3, 2))),
+                                (0, 1, 3, 2))
+        bound = tf.stop_gradient(tf.maximum(
+            tf.reduce_max(tf.abs(kernel), axis=(0, 1, 2)), 1e-12))
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            kernel, -bound, bound, num_bits=8, narrow_range=True)
+
+    def _const_fq(self, value):
+        """QAT: a constant operand of an int8 MUL/ADD on the converter's grid (one
+        asymmetric scale whose range holds 0)."""
+        if not self.fake_quant:
+            return value
+        low = tf.stop_gradient(tf.minimum(tf.reduce_min(value), 0.0))
+        high = tf.stop_gradient(tf.maximum(tf.reduce_max(value), 0.0))
+        return tf.quantization.fake_quant_with_min_max_vars(value, low, high, num_bits=8)
+
     def _params(self):
         # Read once per call (and cast to the compute dtype under mixed precision), so the
         # fused-gradient path sees tensors, not variables.
@@ -144,14 +166,14 @@ class SUSA(tf_keras.layers.Layer):
         kernel = (tf.reshape(g, const(g_shape))
                   * tf.reshape(mean_kernel / divisor, const((1, 1, x.shape[-1], 1))))
         if self.fake_quant or not getattr(_TRACE, "tflite", False):
+            kernel = self._kernel_fq(kernel, depthwise=True)
             q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
             return q + mean_bias
         kernel = tf.reshape(kernel, const(g_shape[:2] + (x.shape[-1],)))
         pooled = tf.reduce_sum(x * kernel, axis=const(self._pool_axis), keepdims=True)
         return pooled + mean_bias
 
-    @staticmethod
-    def _centred_conv(t, conv_kernel, conv_bias):
+    def _centred_conv(self, t, conv_kernel, conv_bias):
         """conv(t) minus its mean over channels, as one conv.
 
         The LayerNorm's mean is linear in t, so it folds into the kernel and bias (subtract
@@ -161,7 +183,7 @@ class SUSA(tf_keras.layers.Layer):
         last = shared_constant(-1)
         kernel = conv_kernel - tf.reduce_mean(conv_kernel, axis=last, keepdims=True)
         bias = conv_bias - tf.reduce_mean(conv_bias, axis=last)
-        return tf.nn.conv2d(t, kernel, strides=1, padding="VALID") + bias
+        return tf.nn.conv2d(t, self._kernel_fq(kernel), strides=1, padding="VALID") + bias
 
     def _gate(self, centred, ln_gamma, ln_beta, training):
         """sigmoid(LayerNorm(u)) from the centred u, plus the normalised u and 1/std.
@@ -178,8 +200,8 @@ class SUSA(tf_keras.layers.Layer):
             var_eps = tf.maximum(var_eps, self.epsilon)
         rstd = fq("rsqrt", tf.math.rsqrt(var_eps))
         normed = fq("normed", c32 * rstd)
-        v = fq("ln", fq("scaled", normed * tf.cast(ln_gamma, tf.float32))
-               + tf.cast(ln_beta, tf.float32))
+        v = fq("ln", fq("scaled", normed * self._const_fq(tf.cast(ln_gamma, tf.float32)))
+               + self._const_fq(tf.cast(ln_beta, tf.float32)))
         return fq("gate", tf.sigmoid(tf.cast(v, centred.dtype))), normed, rstd
 
     def _forward(self, x, params, training):
