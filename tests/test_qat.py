@@ -109,6 +109,39 @@ def test_depthwise_kernels_are_quantised_per_channel():
         assert err < 0.05, (c, err)
 
 
+def test_input_range_starts_at_the_normalised_image_bounds():
+    """tfmot starts the input range at [-6, 6] and only widens it: 2.5x the int8 step a
+    normalised image needs."""
+    from xhrnet_tf.config import Config
+    import dataclasses
+    cfg = dataclasses.replace(Config(), model=tiny_config())
+    q, _ = qat.quantize_model(xhrnet_tf.build_pose_model(cfg, int8_graph=True))
+    content = to_tflite(q, converter_hook=qat.int8_hook("int8"))
+    scale, _ = interpreter(content).get_input_details()[0]["quantization"]
+    low, high = -0.485 / 0.229, (1 - 0.406) / 0.225
+    assert scale == pytest.approx((high - low) / 255, rel=1e-3)
+
+
+def test_susa_trains_on_the_int8_weights_the_converter_makes():
+    """SUSA's kernels are computed from several variables, so tfmot cannot quantise them;
+    in QAT the layer puts each on the converter's grid itself and still passes gradients."""
+    layer = SUSA("h", max_length=8, fake_quant=True)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 6, 4)).astype(np.float32))
+    layer(x, training=True)
+    kernel = np.random.default_rng(1).normal(size=(1, 1, 4, 4)).astype(np.float32)
+    kernel[..., 3] *= 1e-3  # its own scale per output channel
+    fq = layer._kernel_fq(tf.constant(kernel)).numpy()  # pylint: disable=protected-access
+    step = np.abs(kernel).max(axis=(0, 1, 2)) / 127
+    np.testing.assert_allclose(fq, np.round(kernel / step) * step, rtol=1e-5, atol=1e-9)
+    gamma = tf.constant([0.5, -1.0, 2.0, 0.0])
+    fq_gamma = layer._const_fq(gamma).numpy()  # pylint: disable=protected-access
+    assert fq_gamma[3] == 0 and np.abs(fq_gamma - gamma.numpy()).max() <= 3.0 / 255 / 2 + 1e-6
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(x, training=True) ** 2)
+    grads = tape.gradient(loss, [layer.conv_kernel, layer.mean_kernel, layer.ln_gamma])
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+
+
 def test_qat_checkpoint_round_trip(quantized, tmp_path):
     cfg, _, q, _ = quantized
     x = _images(2, seed=1)
