@@ -46,7 +46,7 @@ def test_every_layer_is_accounted_for(quantized, capsys):
     # Every SUSA of the QAT model carries its internal ranges.
     inner = [l.layer for l in q.layers if isinstance(getattr(l, "layer", None), SUSA)]
     assert len(inner) == len(susa) and all(l.fake_quant for l in inner)
-    assert all(any("fq_gate" in w.name for w in l.weights) for l in inner)
+    assert all(any("fq_ln" in w.name for w in l.weights) for l in inner)
 
 
 def test_qat_model_keeps_float_weights_and_converts_to_integer_tflite(quantized):
@@ -65,8 +65,13 @@ def test_qat_model_keeps_float_weights_and_converts_to_integer_tflite(quantized)
     report = graph_report(content)
     assert report["custom_or_flex_ops"] == [] and report["max_rank"] <= 4
     assert gpu_compatibility(content) == []
-    # The fuse's ReLU fuses into a MUL (int8_graph): only SUSA's EXP/DIV/RSQRT stay outside.
-    assert set(xnnpack_report(content)["undelegated_ops"]) <= {"EXP", "DIV", "RSQRT"}
+    # SUSA's LayerNorm is one int8 L2_NORMALIZATION, not SQUARE/MEAN/ADD/RSQRT/MUL.
+    assert report["ops"]["L2_NORMALIZATION"] == len(
+        [l for l in q.layers if isinstance(getattr(l, "layer", None), SUSA)])
+    assert "RSQRT" not in report["ops"]
+    # The fuse's ReLU fuses into a MUL (int8_graph): only SUSA's EXP/DIV/L2_NORMALIZATION
+    # stay outside.
+    assert set(xnnpack_report(content)["undelegated_ops"]) <= {"EXP", "DIV", "L2_NORMALIZATION"}
     interp = interpreter(content)
     interp.set_tensor(interp.get_input_details()[0]["index"], x[:1])
     interp.invoke()
@@ -140,6 +145,22 @@ def test_susa_trains_on_the_int8_weights_the_converter_makes():
         loss = tf.reduce_sum(layer(x, training=True) ** 2)
     grads = tape.gradient(loss, [layer.conv_kernel, layer.mean_kernel, layer.ln_gamma])
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+
+
+def test_susa_int8_graph_has_no_requantising_ops():
+    """Every SUSA tensor's range is one its int8 kernel can write: a QUANTIZE inside means a
+    range the kernel cannot keep (REDUCE_MAX must keep its input's, LOGISTIC writes 1/256),
+    and a requantised query was clipped before the softmax."""
+    import tf_keras
+    inp = tf_keras.Input((8, 6, 16))
+    y = SUSA("h", max_length=8, name="s")(tf_keras.layers.Conv2D(16, 1, name="c")(inp))
+    q, _ = qat.quantize_model(tf_keras.Model(inp, y))
+    x = np.random.default_rng(0).normal(size=(2, 8, 6, 16)).astype(np.float32)
+    q(x, training=True)
+    content = to_tflite(q, converter_hook=qat.int8_hook())
+    ops = graph_report(content)["ops"]
+    assert ops["QUANTIZE"] == 1 and ops["L2_NORMALIZATION"] == 1, ops  # the input's only
+    assert float_kernels(content) == []
 
 
 def test_qat_checkpoint_round_trip(quantized, tmp_path):

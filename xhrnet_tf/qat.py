@@ -5,10 +5,11 @@ how every layer is handled. tfmot knows the stock layers; the package's custom l
 quantize configs here:
 
 * `SUSA`: rebuilt with `fake_quant=True`, which puts a moving-average int8 range on every
-  internal tensor (query, softmax pieces, products, LayerNorm pieces, gate), and its output
-  is fake-quantised by its quantize config. Its kernels are computed from several variables
-  (the query kernel is group weights x mean kernel; the LayerNorm mean is folded into the
-  conv), so the converter quantises them per channel from their trained float values.
+  internal tensor (query, softmax pieces, products, LayerNorm scale and shift, gate), writes
+  its LayerNorm as an L2 normalisation (one int8 kernel with a fixed grid, see
+  `SUSA._int8_gate`) and puts its computed kernels (group weights x mean kernel; the conv
+  with the LayerNorm mean folded in) and LayerNorm constants on the converter's int8 grids.
+  Its output is fake-quantised by its quantize config.
 * `DepthwiseConv2D` + its BN: the kernel gets one int8 range per channel. tfmot's conv
   quantizer is per-axis over the kernel's last axis, a depthwise kernel's depth multiplier,
   so it trains one range for all channels while the converter quantises per channel.
@@ -143,8 +144,8 @@ def _depthwise_bn(layer) -> bool:
 
 
 _REASONS = {
-    "susa": ("custom", "output and all internal tensors fake-quantised; kernels quantised per "
-                       "channel by the converter"),
+    "susa": ("custom", "output and all internal tensors fake-quantised; LayerNorm as one int8 "
+                       "L2 normalisation; kernels and constants on the converter's grids"),
     "shared_add": ("custom", "sum read by more than its ReLU: output fake-quantised"),
     "passthrough": ("passthrough", "int8 kernel keeps the input scale"),
     "relu_input": ("passthrough", "x2 before the fuse's ReLU: the converter fuses the two, "
