@@ -206,8 +206,9 @@ class SUSA(tf_keras.layers.Layer):
         (fused by the converter only with an epsilon below 1e-3). Its integer kernel keeps
         the sum of squares in 32 bits and has a fixed output grid of 1/128. The variance,
         rsqrt and product each rounded to int8 took ranges set by rare rows (a variance grid
-        of 0.025 for values of 0.02-0.2, an rsqrt grid of 0.73), and with ranges calibrated
-        the .tflite lost 4 AP points against its fake-quant model.
+        of 0.025 for values of 0.02-0.2, an rsqrt grid of 0.73); with calibrated ranges the
+        SUSA's Keras-vs-TFLite error (same input) fell from 0.024 to 0.018 mean, 0.090 to
+        0.030 max.
         """
         fq = lambda name, v: self._fq(name, v, training)  # noqa: E731
         channels = int(centred.shape[-1])
