@@ -16,13 +16,15 @@ from xhrnet_tf.tflite_utils import (float_kernels, gpu_compatibility, graph_repo
 from conftest import randomise_weights, run_train, tiny_config
 
 
+def _tiny_pose_config():
+    import dataclasses
+    return dataclasses.replace(xhrnet_tf.config.Config(), model=tiny_config())
+
+
 @pytest.fixture(scope="module")
 def quantized():
-    from xhrnet_tf.model import build_pose_model
-    from xhrnet_tf.config import Config
-    import dataclasses
-    cfg = dataclasses.replace(Config(), model=tiny_config())
-    model = build_pose_model(cfg, int8_graph=True)  # what train.qat builds
+    cfg = _tiny_pose_config()
+    model = xhrnet_tf.build_pose_model(cfg, int8_graph=True)  # what train.qat builds
     randomise_weights(model, seed=4, scale=0.2)
     q, rows = qat.quantize_model(model)
     return cfg, model, q, rows
@@ -117,10 +119,7 @@ def test_depthwise_kernels_are_quantised_per_channel():
 def test_input_range_starts_at_the_normalised_image_bounds():
     """tfmot starts the input range at [-6, 6] and only widens it: 2.5x the int8 step a
     normalised image needs."""
-    from xhrnet_tf.config import Config
-    import dataclasses
-    cfg = dataclasses.replace(Config(), model=tiny_config())
-    q, _ = qat.quantize_model(xhrnet_tf.build_pose_model(cfg, int8_graph=True))
+    q, _ = qat.quantize_model(xhrnet_tf.build_pose_model(_tiny_pose_config(), int8_graph=True))
     content = to_tflite(q, converter_hook=qat.int8_hook("int8"))
     scale, _ = interpreter(content).get_input_details()[0]["quantization"]
     low, high = -0.485 / 0.229, (1 - 0.406) / 0.225
