@@ -9,7 +9,10 @@ quantize configs here:
   its LayerNorm as an L2 normalisation (one int8 kernel with a fixed grid, see
   `SUSA._int8_gate`) and puts its computed kernels (group weights x mean kernel; the conv
   with the LayerNorm mean folded in) and LayerNorm constants on the converter's int8 grids.
-  Its output is fake-quantised by its quantize config.
+  Its output is fake-quantised by its quantize config, except where it feeds a concat.
+* The transformed half of a shuffle unit (the layer, or px's concat, feeding the unit's
+  concat) has no range of its own: it takes the concat's, as the converter's int8
+  CONCATENATION needs (`_feeds_concat`).
 * `DepthwiseConv2D` + its BN: the kernel gets one int8 range per channel. tfmot's conv
   quantizer is per-axis over the kernel's last axis, a depthwise kernel's depth multiplier,
   so it trains one range for all channels while the converter quantises per channel.
@@ -18,10 +21,12 @@ quantize configs here:
   quantiser is needed and none is added.
 
 `print_report` says which layers got which treatment, so nothing stays float unannounced.
+`calibrate_ranges` sets every range from training batches before fine-tuning starts.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 from typing import Dict, List, Tuple
 
@@ -134,6 +139,21 @@ def _consumers(layer) -> list:
     return [node.outbound_layer for node in layer._outbound_nodes]  # pylint: disable=protected-access
 
 
+def _feeds_concat(layer) -> bool:
+    """A layer read only by a Concatenate (the transformed half of every shuffle unit).
+
+    Its output takes the concat's range instead of one of its own. With a range of its own,
+    the converter (whose CONCATENATION needs one scale for all inputs and the output) ran
+    the concat on it: it requantised the unit's pass-through half to it, clipping that half
+    to the transformed half's range, and requantised the concat's output once more, where
+    Keras rounds each value once, on the concat's range. Now the pass-through half is the
+    only tensor requantised, to the concat's range, which is what Keras computes."""
+    consumers = _consumers(layer)
+    while len(consumers) == 1 and isinstance(consumers[0], _STOCK_PASSTHROUGH):
+        consumers = _consumers(consumers[0])  # the channel shuffle after a px unit's concat
+    return len(consumers) == 1 and isinstance(consumers[0], tf_keras.layers.Concatenate)
+
+
 def _depthwise_bn(layer) -> bool:
     """A linear depthwise conv read only by a BatchNormalization (every one in X-HRNet)."""
     if not isinstance(layer, tf_keras.layers.DepthwiseConv2D) or \
@@ -181,10 +201,35 @@ def _classify(layer) -> str:
     return "default"
 
 
+_OWN_OUTPUT_RANGE = ("susa", "shared_add", "scale", "depthwise_bn")
+_CONCAT_REASONS = {
+    "susa": "internal tensors fake-quantised as in every SUSA; output on the range of the "
+            "concat it feeds",
+    "depthwise_bn": "BN of a depthwise conv (fused by the converter): output on the range of "
+                    "the concat it feeds",
+}
+
+
+def _treatment(layer) -> Tuple[str, bool]:
+    """(kind, whether its output range is the concat's it feeds) of a layer."""
+    kind = _classify(layer)
+    own_range = kind in _OWN_OUTPUT_RANGE or isinstance(layer, tf_keras.layers.Concatenate)
+    return kind, own_range and _feeds_concat(layer)
+
+
 def describe(model: tf_keras.Model) -> List[Tuple[str, str, str]]:
     """(layer, treatment, why) for every layer of the float model."""
-    return [(layer.name,) + _REASONS[_classify(layer)] for layer in model.layers
-            if not isinstance(layer, tf_keras.layers.InputLayer)]
+    rows = []
+    for layer in model.layers:
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            continue
+        kind, concat = _treatment(layer)
+        group, why = _REASONS[kind]
+        if concat:
+            group = "custom"
+            why = _CONCAT_REASONS.get(kind, "output on the range of the concat it feeds")
+        rows.append((layer.name, group, why))
+    return rows
 
 
 def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[str, str, str]]]:
@@ -200,12 +245,12 @@ def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[st
         config = layer.get_config()
         if isinstance(layer, tf_keras.layers.InputLayer):
             return layer.__class__.from_config(config)
-        kind = _classify(layer)
+        kind, concat = _treatment(layer)
         if kind == "susa":
             config = dict(config, fake_quant=True)
         clone = layer.__class__.from_config(config)
         clones[layer.name] = clone
-        make = configs.get(kind)
+        make = no_quant if concat else configs.get(kind)
         return qk.quantize_annotate_layer(clone, make() if make else None)
 
     annotated = tf_keras.models.clone_model(model, clone_function=annotate)
@@ -277,3 +322,69 @@ def equalize_for_int8(model, cfg) -> Dict[str, float]:
     print("QAT: " + equalize.summary(scales))
     return scales
 
+
+def _range_variables(model):
+    """(moving-average ranges, all-values ranges): every quantiser's min/max variable.
+
+    tfmot creates them at [-6, 6]. Its moving averages decay by 0.999 per step, so after a
+    380-step fine-tune 68% of the initial range is still in them, and the input's all-values
+    range (min/max ever seen) never shrinks below +-6 at all (known: tensorflow/
+    model-optimization#368). `calibrate_ranges` replaces them with the data's ranges.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # pylint: disable=import-outside-toplevel
+    all_values = {id(v) for layer in model.layers
+                  if isinstance(layer, QuantizeLayer) for v in layer.weights}
+    ranges = [v for v in model.variables
+              if not v.trainable and v.name.split(":")[0].endswith(("_min", "_max"))]
+    return ([v for v in ranges if id(v) not in all_values],
+            [v for v in ranges if id(v) in all_values])
+
+
+@contextlib.contextmanager
+def _ema_decay(decay: float):
+    """tfmot's MovingAverageQuantizer hard-codes ema_decay=0.999; decay 0 makes one training
+    step store exactly that batch's range."""
+    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops  # pylint: disable=import-outside-toplevel
+    original = quant_ops.MovingAvgQuantize
+    quant_ops.MovingAvgQuantize = functools.partial(_with_decay, original, decay)
+    try:
+        yield
+    finally:
+        quant_ops.MovingAvgQuantize = original
+
+
+def _with_decay(original, decay, *args, **kwargs):
+    return original(*args, **dict(kwargs, ema_decay=decay))
+
+
+def calibrate_ranges(model, batches, strategy=None) -> int:
+    """Sets every int8 range of a fresh QAT model to what QAT's moving averages converge
+    to on these batches (the mean of the per-batch ranges; the input quantiser's all-values
+    range to the extremes), before fine-tuning starts. The forward passes run in training
+    mode, as QAT does; BatchNorm statistics and every other variable are put back after.
+    Returns the number of ranges set."""
+    strategy = strategy or tf.distribute.get_strategy()
+    moving, all_values = _range_variables(model)
+    ranges = moving + all_values
+    is_range = {id(v) for v in ranges}
+    saved = [(v, v.numpy()) for v in model.variables if id(v) not in is_range]
+    seen = [[] for _ in ranges]
+    with _ema_decay(0.0):
+        step = tf.function(lambda x: strategy.run(lambda y: model(y, training=True),
+                                                  args=(x,)))
+        for batch in batches:
+            for v in ranges:
+                v.assign(tf.zeros_like(v))
+            step(tf.convert_to_tensor(batch))
+            for values, v in zip(seen, ranges):
+                values.append(v.numpy())
+    for i, v in enumerate(ranges):
+        values = np.stack(seen[i])
+        if i < len(moving):
+            v.assign(values.mean(axis=0))
+        else:
+            v.assign(values.min(axis=0) if v.name.split(":")[0].endswith("_min")
+                     else values.max(axis=0))
+    for v, value in saved:
+        v.assign(value)
+    return len(ranges)

@@ -101,6 +101,21 @@ def build_model(cfg: Config, init: bool = True):
     return model
 
 
+QAT_CALIBRATION_BATCHES = 8
+
+
+def _calibrate_qat_ranges(cfg: Config, model, strategy, files) -> None:
+    """A fresh QAT run starts from the int8 ranges of augmented training batches, not
+    tfmot's [-6, 6] (qat.calibrate_ranges); a resumed one has them in its checkpoint."""
+    from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+    per_replica = max(1, cfg.train.global_batch_size // strategy.num_replicas_in_sync)
+    ds = pipeline.build_dataset(cfg, training=True, files=files, batch_size=per_replica)
+    batches = [images.numpy() for images, _ in ds.take(QAT_CALIBRATION_BATCHES)]
+    count = qat.calibrate_ranges(model, batches, strategy)
+    print(f"QAT: {count} int8 ranges set from {len(batches)} training batches "
+          f"({len(batches) * per_replica} crops) before fine-tuning")
+
+
 def _mixed_precision_policy(cfg: Config) -> str:
     if not cfg.train.mixed_precision:
         return "float32"
@@ -247,6 +262,8 @@ def train(cfg: Config, model_dir: str, config_path: str = "<config>",
     _restore(ckpt, manager, config_path)
     check_model_dir(cfg, model_dir, write=chief)
     start = int(step.numpy())
+    if cfg.train.qat and start == 0:
+        _calibrate_qat_ranges(cfg, model, strategy, files)
 
     def dataset_fn(ctx):
         done = start * cfg.train.global_batch_size // ctx.num_input_pipelines
