@@ -222,6 +222,21 @@ def test_bench_tflite_times_every_model_and_computes_ratios_from_them(capsys):
     assert "x18 fp32 / mnv2_sb fp32 @1t" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_bench_converts_the_graph_a_qat_run_exports():
+    """`--formats qat` times the int8 graph QAT exports (L2 normalisation, no float op)."""
+    import dataclasses
+    from xhrnet_tf.config import Config
+    from xhrnet_tf.tflite_utils import float_kernels  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
+    cfg = dataclasses.replace(Config(), model=tiny_config())
+    model = xhrnet_tf.build_pose_model(cfg.model)
+    bench_tflite.unit_scale_weights(model)
+    content = bench_tflite.convert(model, "qat", cfg)
+    assert "L2_NORMALIZATION" in graph_report(content)["ops"]
+    assert float_kernels(content) == []
+
+
 def test_bench_weights_keep_activations_at_a_trained_scale():
     """bench_tflite's weights: the official init's heatmaps are ~1e-9 (int8 scales no trained
     model has); with unit-scale weights and measured BN statistics they are of order 1."""

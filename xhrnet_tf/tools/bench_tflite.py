@@ -1,6 +1,6 @@
 """TFLite latency on this CPU: X-HRNet against two peers converted the same way.
 
-    python -m xhrnet_tf.tools.bench_tflite [--configs x18,x30] [--formats fp32,fp16,int8]
+    python -m xhrnet_tf.tools.bench_tflite [--configs x18,x30] [--formats fp32,fp16,int8[,qat]]
         [--threads 1,2] [--runs 40] [--json out.json]
 
 Every model is converted from random weights with the package's own converter (fixed batch 1,
@@ -107,15 +107,22 @@ def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]
 
 def convert(model, fmt: str, config=None) -> bytes:
     """The package's converter; int8 of an X-HRNet/WNL model (config given) from its
-    int8 graph, as `export` does."""
+    int8 graph, as `export` does. "qat" is the int8 graph a QAT run exports (SUSA's
+    LayerNorm as L2 normalisation, its query as a depthwise conv), ranges calibrated on the
+    same random images as PTQ's."""
+    from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.export import format_hook, int8_graph_copy, ptq_int8_hook  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
-    if fmt == "int8":
+    if fmt in ("int8", "qat"):
         if config is not None:
             model = int8_graph_copy(config, model)
         rng = np.random.default_rng(0)
         shape = (1,) + tuple(model.input_shape[1:])
         images = [rng.normal(size=shape).astype(np.float32) for _ in range(8)]
+        if fmt == "qat":
+            model, _ = qat.quantize_model(model)
+            qat.calibrate_ranges(model, images)
+            return to_tflite(model, converter_hook=qat.int8_hook())
         return to_tflite(model, converter_hook=ptq_int8_hook(images, "float"))
     return to_tflite(model, converter_hook=format_hook(fmt))
 
@@ -147,6 +154,8 @@ def run(configs: List[str], formats: List[str], threads: List[int], runs: int) -
     contents, rows = {}, []
     for name, (model, cfg) in models.items():
         for fmt in formats:
+            if fmt == "qat" and cfg is None:
+                continue  # QAT is the package's, for its own configs
             content = convert(model, fmt, cfg)
             contents[(name, fmt)] = content
             report = graph_report(content)
@@ -187,6 +196,7 @@ def ratios(res: Dict) -> List[Dict]:
                 add(f"{cfg} / {PEER_WNL} {fmt} @{t}t", (cfg, fmt, t), (PEER_WNL, fmt, t),
                     0.8 if x18 else None)
             add(f"{cfg} int8 / fp32 @{t}t", (cfg, "int8", t), (cfg, "fp32", t), 0.6)
+            add(f"{cfg} qat int8 / fp32 @{t}t", (cfg, "qat", t), (cfg, "fp32", t), 0.6)
     return out
 
 
@@ -220,10 +230,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
-    unknown = sorted(set(formats) - {"fp32", "fp16", "dynamic", "int8"})
+    unknown = sorted(set(formats) - {"fp32", "fp16", "dynamic", "int8", "qat"})
     if unknown:
-        print(f"error: --formats: unknown {unknown}; choose from fp32, fp16, dynamic, int8",
-              file=sys.stderr)
+        print(f"error: --formats: unknown {unknown}; choose from fp32, fp16, dynamic, int8, "
+              "qat", file=sys.stderr)
         return 1
     res = run([c for c in args.configs.split(",") if c], formats,
               [int(t) for t in args.threads.split(",")], args.runs)
