@@ -140,7 +140,8 @@ def _consumers(layer) -> list:
 
 
 def _feeds_concat(layer) -> bool:
-    """A layer read only by a Concatenate (the transformed half of every shuffle unit).
+    """A layer read only by a Concatenate, directly or through reshapes and transposes (the
+    transformed half of every shuffle unit).
 
     Its output takes the concat's range instead of one of its own. With a range of its own,
     the converter (whose CONCATENATION needs one scale for all inputs and the output) ran
