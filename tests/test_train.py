@@ -18,7 +18,7 @@ from conftest import REPO, TINY_MODEL, run_train as _run
 from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
 from xhrnet_tf.layers import NearestUpsample
 from xhrnet_tf.recipe import WarmupStepDecay, joints_mse
-from xhrnet_tf.train import cpu_graph_options
+from xhrnet_tf.runtime import cpu_graph_options
 
 
 
@@ -50,6 +50,21 @@ def test_grappler_is_off_only_inside_the_cpu_training_loop():
     with cpu_graph_options():
         assert grappler_off() == (not tf.config.list_logical_devices("GPU"))
     assert grappler_off() == before
+
+
+def test_cpu_thread_pools_are_sized_before_the_first_op_and_only_warned_about_after():
+    code = ("import tensorflow as tf\n"
+            "from xhrnet_tf.runtime import set_cpu_threads\n"
+            "print(set_cpu_threads(3, 1))\n"
+            "tf.constant(1.0) + 1.0\n"  # starts the runtime: the pools are fixed from here
+            "print(set_cpu_threads(3, 1), set_cpu_threads(2, 2))\n"
+            "print(tf.config.threading.get_inter_op_parallelism_threads(),\n"
+            "      tf.config.threading.get_intra_op_parallelism_threads())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=300, check=True)
+    assert res.stdout.split() == ["True", "True", "False", "3", "1"]
+    warning = [ln for ln in res.stderr.splitlines() if "train.inter_op_threads" in ln]
+    assert len(warning) == 1 and "not applied" in warning[0]
 
 
 def test_nearest_upsample_matches_upsampling2d_and_its_gradient():

@@ -83,6 +83,10 @@ class TrainConfig:
     # Quantization-aware training (xhrnet_tf.qat): fine-tune the fake-quantised model and
     # export model_dir/model_qat_int8.tflite. Usually with init_weights and a short schedule.
     qat: bool = False
+    # TensorFlow's CPU thread pools (ops run at once, threads per op); 0 keeps TensorFlow's
+    # choice. See xhrnet_tf.runtime.set_cpu_threads for when 1 thread per op pays.
+    inter_op_threads: int = 0
+    intra_op_threads: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

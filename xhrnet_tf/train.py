@@ -1,7 +1,6 @@
 """Training and periodic evaluation with tf.distribute, by the paper's recipe (SPEC 13)."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -18,6 +17,7 @@ from xhrnet_tf.config import Config, config_to_dict
 from xhrnet_tf.data import pipeline
 from xhrnet_tf.graph_free import GraphFreeStep
 from xhrnet_tf.recipe import WarmupStepDecay, joints_mse
+from xhrnet_tf.runtime import cpu_graph_options, set_cpu_threads
 from xhrnet_tf.train_eval import periodic_eval, val_available
 
 
@@ -207,22 +207,6 @@ def make_train_step(cfg: Config, strategy, model, optimizer):
     return GraphFreeStep(train_step)
 
 
-@contextlib.contextmanager
-def cpu_graph_options():
-    """Without a GPU, Grappler spent 10-20 s rewriting the training graph (35k ops then) and the
-    steps run no faster for it (measured on x18 and the quickstart model); GPUs keep it."""
-    if tf.config.list_logical_devices("GPU"):
-        yield
-        return
-    saved = tf.config.optimizer.get_experimental_options()
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    try:
-        yield
-    finally:
-        tf.config.optimizer.set_experimental_options(
-            {"disable_meta_optimizer": saved.get("disable_meta_optimizer", False)})
-
-
 def _restore(ckpt, manager, cfg_path: str) -> None:
     if not manager.latest_checkpoint:
         return
@@ -238,6 +222,7 @@ def _restore(ckpt, manager, cfg_path: str) -> None:
 def train(cfg: Config, model_dir: str, config_path: str = "<config>",
           mode: str = "train_and_eval") -> dict:
     """Trains (and evaluates); restarting the same call resumes from the last checkpoint."""
+    set_cpu_threads(cfg.train.inter_op_threads, cfg.train.intra_op_threads)
     if mode == "eval":
         return evaluate_checkpoint(cfg, model_dir, config_path)
     if cfg.train.deterministic:

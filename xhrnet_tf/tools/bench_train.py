@@ -22,10 +22,12 @@ def _worker(config: str, batch: int, steps: int, xla: bool, mixed: bool = False)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.config import replace  # pylint: disable=import-outside-toplevel
     # pylint: disable=import-outside-toplevel
-    from xhrnet_tf.train import build_training_state, cpu_graph_options, make_train_step
+    from xhrnet_tf.runtime import cpu_graph_options, set_cpu_threads
+    from xhrnet_tf.train import build_training_state, make_train_step
     cfg = replace(xhrnet_tf.load_config(config), {"train.global_batch_size": batch,
                                                   "train.jit_compile": xla,
                                                   "train.mixed_precision": mixed})
+    set_cpu_threads(cfg.train.inter_op_threads, cfg.train.intra_op_threads)  # as train.train
     strategy = tf.distribute.get_strategy()
     model, opt, _, _, _ = build_training_state(cfg, strategy, 1000, 1)
     step = make_train_step(cfg, strategy, model, opt)
