@@ -127,8 +127,8 @@ def test_x18_fp16_and_dynamic_keep_the_keypoints(tmp_path):
     """fp16 and dynamic-range models against Keras on real person crops (pose_minicoco val):
     fp16 decodes every clear keypoint within 0.5 heatmap pixel, dynamic range 95% of them.
     Keras is the reference: the fp32 .tflite matches it to 1e-4 (test above). The reference
-    weights are random (refs/README.md),
-    so a peak float itself barely prefers (runner-up >1 px away within 2%) is not compared."""
+    weights are random (refs/README.md), so a peak float itself barely prefers (runner-up
+    >1 px away within 2%) is not compared."""
     from xhrnet_tf import codec
     from xhrnet_tf.data import pipeline
     from xhrnet_tf.data.create_tfrecords import create_tfrecords
