@@ -27,8 +27,8 @@ def set_cpu_threads(inter_op: int, intra_op: int) -> bool:
     """Sizes TensorFlow's two CPU thread pools (0 keeps TensorFlow's choice); True if applied.
 
     Small models train faster with one thread per op and several ops at once: the quickstart
-    model gains about a fifth on 2 cores, x18 and x30 at 256x192 lose 5-10% (bench_train,
-    session 13). The pools are fixed once TensorFlow's context starts, so this must run before
+    model gained 8% on average on 2 cores (single runs up to a fifth), x18 and x30 at
+    256x192 lost 5-10% (bench_train, sessions 12-13). The pools are fixed once TensorFlow's context starts, so this must run before
     the first op; later it warns instead of failing, because only speed is at stake.
     """
     current = (tf.config.threading.get_inter_op_parallelism_threads(),
