@@ -32,13 +32,27 @@ def test_keras_and_tflite_estimators_agree(tiny_model, tmp_path):
     out = keras_est(_image(), boxes)
     assert out.shape == (2, 17, 3) and np.isfinite(out).all()
     path = tmp_path / "tiny.tflite"
-    path.write_bytes(to_tflite(tiny_model))
+    content = to_tflite(tiny_model)
+    path.write_bytes(content)
+    _assert_serving_signature(content, tiny_model)
     lite = PoseEstimator.from_tflite(str(path))(_image(), boxes)
     np.testing.assert_allclose(lite[..., 2], out[..., 2], rtol=1e-3, atol=1e-4)
     assert np.abs(lite[..., :2] - out[..., :2]).max() < 1.0
     # keypoints land inside (the padded) boxes
     for b, person in zip(boxes, out):
         assert (person[:, 0] > b[0] - b[2]).all() and (person[:, 0] < b[0] + 2 * b[2]).all()
+
+
+def _assert_serving_signature(content, model):
+    """Android's Interpreter.runSignature and iOS's signature runner need one: image in,
+    heatmaps out, named as in the exported SavedModel."""
+    from xhrnet_tf.tflite_utils import interpreter
+    interp = interpreter(content)
+    assert interp.get_signature_list() == {
+        "serving_default": {"inputs": ["image"], "outputs": ["heatmaps"]}}
+    x = np.random.default_rng(2).normal(size=(1,) + model.input_shape[1:]).astype(np.float32)
+    heat = interp.get_signature_runner("serving_default")(image=x)["heatmaps"]
+    np.testing.assert_allclose(heat, model(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_image_and_boxes_are_clear_errors(tiny_model):

@@ -9,6 +9,7 @@ import contextlib
 import io
 import os
 import tempfile
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -21,8 +22,11 @@ def to_tflite(model, batch_size: int = 1, converter_hook=None) -> bytes:
     """Converts a Functional model with the plain builtin op set at a fixed batch size.
 
     A fixed batch keeps every reshape static (no SHAPE/PACK ops at run time). The converter
-    gets a bare tf.Module holding the variables instead of the Keras model, because saving a
-    Keras model first traces every layer, which is four times slower for X-HRNet.
+    freezes the traced function itself instead of first saving it as a temporary SavedModel
+    (TensorFlow's default for concrete functions, which builds save/restore functions for
+    every variable): the same ops and numbers in half the time (x18: 24.7 -> 11.6 s). That
+    route writes no signature, so `_with_signature` adds the one the SavedModel route gave,
+    with the tensors named as in the exported SavedModel: image in, heatmaps out.
     """
     spec = tf.TensorSpec((batch_size,) + tuple(model.input_shape[1:]), tf.float32)
     with tflite_graph():
@@ -31,9 +35,36 @@ def to_tflite(model, batch_size: int = 1, converter_hook=None) -> bytes:
     holder.model_variables = list(model.variables)
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.experimental_lower_to_saved_model = False
     if converter_hook is not None:
         converter_hook(converter)
-    return converter.convert()
+    with warnings.catch_warnings():
+        # On this route TensorFlow asks for input statistics whenever the graph converts to
+        # int8 (QAT); they only apply to an int8 input without a range, and every input here
+        # is float or takes its range from the model's own input quantizer.
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
+        content = converter.convert()
+    return _with_signature(content)
+
+
+def _with_signature(content: bytes, key: str = "serving_default") -> bytes:
+    """`content` with one signature over its single subgraph: `image` in, `heatmaps` out."""
+    from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
+    from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=import-outside-toplevel
+    flat = flatbuffer_utils.convert_bytearray_to_object(bytearray(content))
+    graph = flat.subgraphs[0]
+
+    def tensor_map(name, index):
+        entry = schema.TensorMapT()
+        entry.name, entry.tensorIndex = name, index
+        return entry
+
+    signature = schema.SignatureDefT()
+    signature.signatureKey, signature.subgraphIndex = key, 0
+    signature.inputs = [tensor_map("image", graph.inputs[0])]
+    signature.outputs = [tensor_map("heatmaps", graph.outputs[0])]
+    flat.signatureDefs = [signature]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(flat))
 
 
 def interpreter(model_content: Optional[bytes] = None, model_path: Optional[str] = None,
