@@ -11,6 +11,7 @@ from conftest import (built_pose_model, config_path, randomise_weights, shared_p
 from xhrnet_tf.config import config_to_dict, load_config
 from xhrnet_tf.convert import (CheckpointMismatchError, export_official_state_dict,
                                load_official_weights, main, read_checkpoint)
+from xhrnet_tf.model import paired_copy
 from xhrnet_tf.tflite_utils import graph_report, interpreter, to_tflite, xnnpack_report
 
 REF = ("refs", "sxhrnet_18_coco_256x192")
@@ -102,13 +103,15 @@ def test_missing_checkpoint_and_pth_without_torch(tmp_path):
 
 
 def test_x18_tflite_is_delegate_friendly():
-    """Builtin ops only, rank <= 4, no BATCH_MATMUL, and the same numbers as the official net."""
+    """Builtin ops only, rank <= 4, no BATCH_MATMUL, and the same numbers as the official net,
+    for the graph the float exports use: shuffle units in pairs, one transpose per pair."""
     state = read_checkpoint(shared_path(*REF, "state_dict.npz"))
     io = np.load(shared_path(*REF, "io.npz"))
     cfg, model = built_pose_model("x18.yaml")
     load_official_weights(model, state, cfg)
-    tfl = to_tflite(model, batch_size=2)
+    tfl = to_tflite(paired_copy(cfg, model), batch_size=2)
     report = graph_report(tfl)
+    assert report["ops"]["TRANSPOSE"] == 1 + 24  # the stem's shuffle, one per pair
     assert report["custom_or_flex_ops"] == []
     assert report["max_rank"] <= 4
     assert "BATCH_MATMUL" not in report["ops"]
@@ -147,8 +150,9 @@ def test_x18_fp16_and_dynamic_keep_the_keypoints(tmp_path):
     ref, _ = codec.decode_heatmaps(heat)
     clear = _clear_peaks(heat)
     assert clear.mean() > 0.5
+    deploy = paired_copy(cfg, model)  # what the export writes
     for fmt in ("fp16", "dynamic"):
-        content = to_tflite(model, converter_hook=format_hook(fmt))
+        content = to_tflite(deploy, converter_hook=format_hook(fmt))
         interp = interpreter(content)
         hms = []
         for crop in x:

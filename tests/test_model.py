@@ -117,6 +117,33 @@ def test_variants_differ():
         assert np.abs(outs[name] - outs["sx"]).max() > 1e-3, name
 
 
+@pytest.mark.parametrize("unit", ["sx", "naive", "px"])
+def test_paired_units_compute_the_same_function(unit, tmp_path):
+    """The float exports' graph (`paired_copy`: one channel shuffle per pair of units, the
+    second unit's channels permuted) computes what the trained model does; with an odd unit
+    count the last unit stays single. PX units split their channels inside, so they stay
+    unpaired. The paired SX model also saves and loads as a Keras model."""
+    from xhrnet_tf.layers import PairShuffle
+    from xhrnet_tf.model import paired_copy
+    cfg = tiny_config(unit=unit, num_blocks=(2, 3, 2))
+    model = xhrnet_tf.build_pose_model(cfg)
+    _randomise(model, seed=6)
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    ref = model(x, training=False).numpy()
+    for int8_graph in (False, True) if unit != "px" else (False,):
+        paired = paired_copy(cfg, model, int8_graph=int8_graph)
+        out = paired(x, training=False).numpy()
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), int8_graph
+        pairs = sum(isinstance(layer, PairShuffle) for layer in paired.layers)
+        assert pairs == (0 if unit == "px" else 2 + 3 * 1 + 4 * 1)  # per branch, per stage
+    if unit != "sx":
+        return
+    path = str(tmp_path / "paired.keras")
+    paired.save(path)
+    np.testing.assert_array_equal(tf_keras.models.load_model(path)(x).numpy(),
+                                  paired(x).numpy())
+
+
 def _save_load(model, x, fmt, tmp_path):
     before = model(x, training=False).numpy()
     if fmt == "h5":

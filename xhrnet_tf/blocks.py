@@ -11,7 +11,7 @@ from typing import List, Sequence
 from tf_keras import layers
 
 from xhrnet_tf.layers import (SUSA, BilinearResize, ChannelSplit, NearestUpsample,
-                              Subsample2x, conv_initializer)
+                              PairShuffle, Subsample2x, conv_initializer)
 
 # PyTorch BatchNorm defaults in Keras terms (SPEC 2.2): eps 1e-5, running = 0.9 * running + ...
 BN_EPSILON = 1e-5
@@ -119,6 +119,36 @@ def shuffle_unit(x, model_cfg, name: str):
     y = unit_branch(x2, model_cfg, name)
     x = layers.Concatenate(name=f"{name}_concat")([x1, y])
     return channel_shuffle(x, 2, f"{name}_shuffle")
+
+
+def shuffle_unit_pair(x, model_cfg, name0: str, name1: str):
+    """Two consecutive shuffle units with one transpose instead of two (deploy graphs).
+
+    With t = [x1 | y] the first unit's concat (x1 its untouched half, y its branch output),
+    the second unit's halves are interleavings of quarters of t: its first half holds
+    (x1a, ya), its second (x1b, yb). The second branch acts on each channel alike (SUSA,
+    its LayerNorm and the depthwise conv are equivariant under a channel permutation), so it
+    runs on [x1b | yb] with its per-channel weights permuted to match (`pair_permutation`),
+    and both shuffles together become one transpose of [x1a | ya | z] (`PairShuffle`).
+    Same function; the two shuffles and one SPLIT of the pair are gone. Not for 'px' units,
+    whose branch splits its channels into halves.
+    """
+    c = x.shape[-1]
+    q = c // 4
+    x1a, x1b, x2 = ChannelSplit([q, q, 2 * q], name=f"{name0}_split")(x)
+    y = unit_branch(x2, model_cfg, name0)
+    ya, yb = ChannelSplit([q, q], name=f"{name0}_branch_split")(y)
+    kept = layers.Concatenate(name=f"{name0}_concat")([x1a, ya])
+    z = unit_branch(layers.Concatenate(name=f"{name1}_split")([x1b, yb]), model_cfg, name1)
+    t = layers.Concatenate(name=f"{name1}_concat")([kept, z])
+    return PairShuffle(name=f"{name1}_shuffle")(t)
+
+
+def pair_permutation(half: int) -> List[int]:
+    """Channel j of the paired second branch's input is channel pair_permutation[j] of the
+    unpaired one (half = its channel count): [x1b | yb] against their interleaving."""
+    q = half // 2
+    return [2 * r + j for j in (0, 1) for r in range(q)]
 
 
 def transition(inputs: List, in_channels: Sequence[int], out_channels: Sequence[int],
@@ -255,12 +285,21 @@ def _sum_in_order(terms: List, name: str):
 
 
 def lite_module(xs: List, model_cfg, channels: Sequence[int], num_blocks: int,
-                name: str, int8_graph: bool = False) -> List:
-    """One multi-branch module: `num_blocks` shuffle units per branch, then the fusion."""
+                name: str, int8_graph: bool = False, paired: bool = False) -> List:
+    """One multi-branch module: `num_blocks` shuffle units per branch, then the fusion.
+    `paired`: consecutive units as `shuffle_unit_pair`s where the unit type allows it."""
     ys = []
+    pairs = paired and model_cfg.unit != "px"
     for b, x in enumerate(xs):
-        for u in range(num_blocks):
-            x = shuffle_unit(x, model_cfg, f"{name}_branch{b}_unit{u}")
+        u = 0
+        while u < num_blocks:
+            unit = f"{name}_branch{b}_unit{u}"
+            if pairs and u + 1 < num_blocks:
+                x = shuffle_unit_pair(x, model_cfg, unit, f"{name}_branch{b}_unit{u + 1}")
+                u += 2
+                continue
+            x = shuffle_unit(x, model_cfg, unit)
+            u += 1
         ys.append(x)
     return fuse(ys, channels, model_cfg.fuse_mode, name, int8_graph)
 

@@ -9,6 +9,7 @@ from tf_keras import layers
 
 from xhrnet_tf import blocks
 from xhrnet_tf.config import Config, ModelConfig, check_input_size
+from xhrnet_tf.layers import PairShuffle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,8 @@ def _input(model_cfg: ModelConfig, input_size: Optional[Sequence[int]]):
     return layers.Input(shape=(size[0], size[1], 3), name="image")
 
 
-def backbone_features(image, model_cfg: ModelConfig, int8_graph: bool = False) -> List:
+def backbone_features(image, model_cfg: ModelConfig, int8_graph: bool = False,
+                      paired: bool = False) -> List:
     """Stem, three stages and the IterativeHead; returns [h0, h1, h2, h3], finest first."""
     x = blocks.stem(image, model_cfg.stem_channels)
     xs, prev_channels = [x], [model_cfg.stem_channels]
@@ -46,7 +48,7 @@ def backbone_features(image, model_cfg: ModelConfig, int8_graph: bool = False) -
         xs = blocks.transition(xs, prev_channels, spec.channels, f"transition{spec.index}")
         for k in range(spec.num_modules):
             xs = blocks.lite_module(xs, model_cfg, spec.channels, spec.num_blocks,
-                                    f"stage{spec.index}_module{k}", int8_graph)
+                                    f"stage{spec.index}_module{k}", int8_graph, paired)
         prev_channels = list(spec.channels)
     return blocks.iterative_head(xs)
 
@@ -67,14 +69,49 @@ def build_backbone(config: Union[Config, ModelConfig], input_size: Optional[Sequ
 
 def build_pose_model(config: Union[Config, ModelConfig],
                      input_size: Optional[Sequence[int]] = None,
-                     name: str = "xhrnet_pose", int8_graph: bool = False) -> tf_keras.Model:
+                     name: str = "xhrnet_pose", int8_graph: bool = False,
+                     paired: bool = False) -> tf_keras.Model:
     """Top-down pose model: normalised image (N,H,W,3) -> heatmaps (N,H/4,W/4,num_joints).
 
     `int8_graph=True` builds the same function, with the same weights, in the form that
     converts to a faster int8 TFLite graph (`blocks.fuse`): for PTQ and QAT.
+    `paired=True` builds consecutive shuffle units with one channel shuffle per pair
+    (`blocks.shuffle_unit_pair`); its weights come from a model built without it through
+    `paired_copy`, which permutes the second units' channels.
     """
     model_cfg = _model_cfg(config)
     image = _input(model_cfg, input_size)
-    feats = backbone_features(image, model_cfg, int8_graph)
+    feats = backbone_features(image, model_cfg, int8_graph, paired)
     heatmaps = blocks.heatmap_head(feats[0], model_cfg.num_joints)
     return tf_keras.Model(image, heatmaps, name=name)
+
+
+def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,
+                int8_graph: bool = False) -> tf_keras.Model:
+    """`model` rebuilt with paired shuffle units for export: the same function and weights,
+    each pair's second unit with its channels permuted (`blocks.pair_permutation`)."""
+    copy = build_pose_model(config, input_size=model.input_shape[1:3], int8_graph=int8_graph,
+                            paired=True)
+    perms = {layer.name[:-len("_shuffle")]: blocks.pair_permutation(layer.input_shape[-1] // 2)
+             for layer in copy.layers if isinstance(layer, PairShuffle)}
+    for layer in copy.layers:
+        if not layer.weights:
+            continue
+        values = model.get_layer(layer.name).get_weights()
+        perm = next((p for prefix, p in perms.items() if layer.name.startswith(prefix + "_")),
+                    None)
+        if perm is not None:
+            values = [_permute_channels(w.name, v, perm) for w, v in zip(layer.weights, values)]
+        layer.set_weights(values)
+    return copy
+
+
+def _permute_channels(name: str, value, perm: List[int]):
+    # Every axis as long as the unit's branch is a channel axis (kernels: input and output),
+    # except SUSA's group weights, which run along H or W.
+    if "group_weight" in name:
+        return value
+    for axis, size in enumerate(value.shape):
+        if size == len(perm):
+            value = value.take(perm, axis=axis)
+    return value

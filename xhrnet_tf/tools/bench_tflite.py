@@ -107,7 +107,7 @@ def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]
 
 def convert(model, fmt: str, config=None) -> bytes:
     """The package's converter; int8 of an X-HRNet/WNL model (config given) from its
-    int8 graph, as `export` does. "qat" is the int8 graph a QAT run exports (SUSA's
+    int8 graph, float formats from its paired graph, as `export` does. "qat" is the int8 graph a QAT run exports (SUSA's
     LayerNorm as L2 normalisation, its query as a depthwise conv), ranges calibrated on the
     same random images as PTQ's."""
     from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
@@ -124,6 +124,9 @@ def convert(model, fmt: str, config=None) -> bytes:
             qat.calibrate_ranges(model, images)
             return to_tflite(model, converter_hook=qat.int8_hook())
         return to_tflite(model, converter_hook=ptq_int8_hook(images, "float"))
+    if config is not None:  # float graphs as xhrnet_tf.export writes them
+        from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
+        model = paired_copy(config, model)
     return to_tflite(model, converter_hook=format_hook(fmt))
 
 

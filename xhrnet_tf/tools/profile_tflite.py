@@ -1,6 +1,6 @@
 """Where a TFLite model's time goes on this CPU, kernel by kernel.
 
-    python -m xhrnet_tf.tools.profile_tflite --config x18 [--format fp32|fp16|int8]
+    python -m xhrnet_tf.tools.profile_tflite --config x18 [--format fp32|fp16|int8|qat]
         [--threads 1] [--seconds 10] [--top 25]
     python -m xhrnet_tf.tools.profile_tflite --tflite runs/quickstart/model_fp32.tflite
 
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="config name in configs/ or YAML path, or mnv2_sb")
     src.add_argument("--tflite", help="profile this .tflite file as it is")
-    p.add_argument("--format", default="fp32", choices=("fp32", "fp16", "dynamic", "int8"))
+    p.add_argument("--format", default="fp32", choices=("fp32", "fp16", "dynamic", "int8", "qat"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--top", type=int, default=25)
