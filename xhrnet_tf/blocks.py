@@ -139,7 +139,7 @@ def shuffle_unit_pair(x, model_cfg, name0: str, name1: str):
     y = unit_branch(x2, model_cfg, name0)
     ya, yb = ChannelSplit([q, q], name=f"{name0}_branch_split")(y)
     kept = layers.Concatenate(name=f"{name0}_concat")([x1a, ya])
-    z = unit_branch(layers.Concatenate(name=f"{name1}_split")([x1b, yb]), model_cfg, name1)
+    z = unit_branch(layers.Concatenate(name=f"{name1}_gather")([x1b, yb]), model_cfg, name1)
     t = layers.Concatenate(name=f"{name1}_concat")([kept, z])
     return PairShuffle(name=f"{name1}_shuffle")(t)
 
