@@ -107,11 +107,11 @@ def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,
 
 
 def _permute_channels(name: str, value, perm: List[int]):
-    # Every axis as long as the unit's branch is a channel axis (kernels: input and output),
-    # except SUSA's group weights, which run along H or W.
+    # Channels are the last axes (vectors; kernels' input and output, a depthwise kernel's
+    # (h, w, C, 1)); SUSA's group weights run along H or W.
     if "group_weight" in name:
         return value
-    for axis, size in enumerate(value.shape):
-        if size == len(perm):
+    for axis in range(max(0, value.ndim - 2), value.ndim):
+        if value.shape[axis] == len(perm):
             value = value.take(perm, axis=axis)
     return value
