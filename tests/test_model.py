@@ -161,7 +161,8 @@ def _save_load(model, x, fmt, tmp_path):
     assert np.abs(out - before).max() <= 1e-5 * np.abs(before).max()
 
 
-@pytest.mark.parametrize("fmt", ["h5", "savedmodel"])
+# The SavedModel case (27 s) is slow: the export tests load the exported SavedModel too.
+@pytest.mark.parametrize("fmt", ["h5", pytest.param("savedmodel", marks=pytest.mark.slow)])
 def test_save_load_formats(fmt, tmp_path):
     model = xhrnet_tf.build_pose_model(_tiny())
     _randomise(model, seed=5)

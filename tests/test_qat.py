@@ -116,6 +116,7 @@ def test_depthwise_kernels_are_quantised_per_channel():
         assert err < 0.05, (c, err)
 
 
+@pytest.mark.slow  # a QAT build and int8 conversion of its own (26 s) for one number
 def test_input_range_starts_at_the_normalised_image_bounds():
     """tfmot starts the input range at [-6, 6] and only widens it: 2.5x the int8 step a
     normalised image needs."""
@@ -311,6 +312,7 @@ def test_qat_bad_starts(tiny_data, tmp_path):
     assert res.returncode != 0 and "exclude each other" in res.stderr
 
 
+@pytest.mark.slow  # a reporting tool; 29 s of QAT and PTQ conversions
 def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     from xhrnet_tf.config import config_from_dict, replace
     from xhrnet_tf.tools import int8_accuracy
