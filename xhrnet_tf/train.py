@@ -346,14 +346,13 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
             result["stats"] = stats
         if cfg.train.export_tflite or cfg.train.qat:
             from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
-            from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
-            name, hook, deploy = "model_fp32.tflite", None, None
             if cfg.train.qat:
                 from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
                 name, hook, deploy = "model_qat_int8.tflite", int8_hook(), model
+            else:  # the fp32 graph xhrnet_tf.export writes
+                from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
+                name, hook, deploy = "model_fp32.tflite", None, paired_copy(cfg, model)
             path = os.path.join(model_dir, name)
-            if deploy is None:
-                deploy = paired_copy(cfg, model)  # the fp32 graph xhrnet_tf.export writes
             content = to_tflite(deploy, converter_hook=hook)  # no half-written file on failure
             with open(path, "wb") as f:
                 f.write(content)

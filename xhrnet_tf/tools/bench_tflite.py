@@ -106,10 +106,10 @@ def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]
 
 
 def convert(model, fmt: str, config=None) -> bytes:
-    """The package's converter; int8 of an X-HRNet/WNL model (config given) from its
-    int8 graph, float formats from its paired graph, as `export` does. "qat" is the int8 graph a QAT run exports (SUSA's
-    LayerNorm as L2 normalisation, its query as a depthwise conv), ranges calibrated on the
-    same random images as PTQ's."""
+    """The package's converter; for an X-HRNet/WNL model (config given) int8 from its int8
+    graph and float formats from its paired graph, as `export` does. "qat" is the int8 graph
+    a QAT run exports (SUSA's LayerNorm as L2 normalisation, its query as a depthwise conv),
+    ranges calibrated on the same random images as PTQ's."""
     from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.export import format_hook, int8_graph_copy, ptq_int8_hook  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
