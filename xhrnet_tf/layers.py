@@ -401,25 +401,3 @@ class Subsample2x(tf_keras.layers.Layer):
 
 
 CUSTOM_OBJECTS["Subsample2x"] = Subsample2x
-
-
-@tf_keras.saving.register_keras_serializable(package=_PACKAGE)
-class PairShuffle(tf_keras.layers.Layer):
-    """The two channel shuffles of a pair of shuffle units as one transpose
-    (`blocks.shuffle_unit_pair`): channels viewed as (2, 2, C/4), reversed to (C/4, 2, 2).
-
-    A custom layer because the view folds the batch into the pixels, (N*H*W, 2, 2, C/4): with
-    the batch kept the tensor would be 5-D, which the GPU and NNAPI delegates refuse, and
-    stock Reshape cannot touch the batch axis.
-    """
-
-    def call(self, x):
-        h, w, c = x.shape[1], x.shape[2], x.shape[3]
-        y = tf.transpose(tf.reshape(x, (-1, 2, 2, c // 4)), (0, 3, 2, 1))
-        return tf.reshape(y, (-1, h, w, c))
-
-    def compute_output_shape(self, input_shape):
-        return tf.TensorShape(input_shape)
-
-
-CUSTOM_OBJECTS["PairShuffle"] = PairShuffle

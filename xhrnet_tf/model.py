@@ -9,7 +9,6 @@ from tf_keras import layers
 
 from xhrnet_tf import blocks
 from xhrnet_tf.config import Config, ModelConfig, check_input_size
-from xhrnet_tf.layers import PairShuffle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +91,8 @@ def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,
     each pair's second unit with its channels permuted (`blocks.pair_permutation`)."""
     copy = build_pose_model(config, input_size=model.input_shape[1:3], int8_graph=int8_graph,
                             paired=True)
-    perms = {layer.name[:-len("_shuffle")]: blocks.pair_permutation(layer.input_shape[-1] // 2)
-             for layer in copy.layers if isinstance(layer, PairShuffle)}
+    perms = {layer.name[:-len("_gather")]: blocks.pair_permutation(layer.output_shape[-1])
+             for layer in copy.layers if layer.name.endswith("_gather")}
     for layer in copy.layers:
         if not layer.weights:
             continue
