@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import pytest
@@ -29,6 +30,9 @@ def test_expected_variants():
     assert x30_384.input_size == (384, 288)
     assert load_config(config_path("px30.yaml")).model.unit == "px"
     assert load_config(config_path("wnl18.yaml")).model.unit == "naive"
+    # the latency ablation: X-HRNet-18's network with SUSA taken out of every unit
+    dwonly, x18 = (load_config(config_path(n)).model for n in ("x18_dwonly.yaml", "x18.yaml"))
+    assert dwonly.unit == "baseline" and dataclasses.replace(dwonly, unit="sx") == x18
     assert load_config(config_path("x18_384.yaml")).data.heatmap_sigma == 3.0
 
 
