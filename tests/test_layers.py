@@ -113,6 +113,21 @@ def test_susa_config_round_trip():
         SUSA("x")
 
 
+@pytest.mark.parametrize("fusion", ["mul", "add"])
+def test_susa_split_output_is_the_output_in_halves(fusion):
+    x = RNG.normal(size=(2, 6, 5, 8)).astype(np.float32)
+    whole = SUSA("h", max_length=8, fusion=fusion, name="s")
+    halves = SUSA.from_config(dict(whole.get_config(), split_output=True))
+    ref = whole(x).numpy()
+    halves(x)
+    halves.set_weights(whole.get_weights())
+    a, b = (t.numpy() for t in halves(x))
+    np.testing.assert_allclose(np.concatenate([a, b], axis=-1), ref, rtol=1e-6, atol=1e-6)
+    assert SUSA.from_config(halves.get_config()).split_output
+    with pytest.raises(ValueError, match="not QAT"):
+        SUSA("h", split_output=True, fake_quant=True)
+
+
 def test_channel_shuffle_matches_mmpose():
     x = RNG.normal(size=(2, 4, 3, 8)).astype(np.float32)
     inp = tf_keras.Input(x.shape[1:])

@@ -75,9 +75,10 @@ def stem(x, channels: int, name: str = "stem"):
     return channel_shuffle(x, 2, f"{name}_shuffle")
 
 
-def _susa(x, direction: str, model_cfg, name: str):
+def _susa(x, direction: str, model_cfg, name: str, split_output: bool = False):
     max_length = model_cfg.max_height if direction == "h" else model_cfg.max_width
-    return SUSA(direction, max_length, fusion=model_cfg.fusion, name=name)(x)
+    return SUSA(direction, max_length, fusion=model_cfg.fusion, split_output=split_output,
+                name=name)(x)
 
 
 def _hwsusa(x, model_cfg, name: str):
@@ -90,15 +91,19 @@ def _hwsusa(x, model_cfg, name: str):
     return channel_shuffle(x, 2, f"{name}_shuffle")
 
 
-def unit_branch(y, model_cfg, name: str):
-    """The transformed half of a shuffle unit (official `branch2`) for each unit type."""
+def unit_branch(y, model_cfg, name: str, halves: bool = False):
+    """The transformed half of a shuffle unit (official `branch2`) for each unit type.
+    `halves`: returned as its two channel halves (see `shuffle_unit_pair`)."""
     f = y.shape[-1]
     unit = model_cfg.unit
     if unit == "sx":
         first, last = ("w", "h") if model_cfg.susa_order == "wh" else ("h", "w")
         y = _susa(y, first, model_cfg, f"{name}_{first}susa")
         y = conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
-        return _susa(y, last, model_cfg, f"{name}_{last}susa")
+        return _susa(y, last, model_cfg, f"{name}_{last}susa", split_output=halves)
+    if halves:
+        return ChannelSplit([f // 2, f // 2], name=f"{name}_branch_split")(
+            unit_branch(y, model_cfg, name))
     if unit == "px":
         y = _hwsusa(y, model_cfg, f"{name}_hwsusa0")
         y = conv_bn(y, f, 3, f"{name}_dw", depthwise=True)
@@ -132,16 +137,16 @@ def shuffle_unit_pair(x, model_cfg, name0: str, name1: str):
     z = (z1 | z2). Both shuffles together are then one 4-group shuffle of
     [x1a | z1 | ya | z2]: same function, one transpose where there were two, and a
     transpose of (C/4, 4) blocks, which XNNPACK runs at about twice the speed per value of
-    a 2-group shuffle's (C/2, 2) blocks. Not for 'px' units, whose branch splits its
-    channels into halves.
+    a 2-group shuffle's (C/2, 2) blocks. The branches hand over their outputs in halves
+    (for SX, each written by SUSA's last MUL), so that the int8 converter gives the pair one
+    scale. Not for 'px' units, whose branch splits its channels into halves.
     """
     c = x.shape[-1]
     q = c // 4
     x1a, x1b, x2 = ChannelSplit([q, q, 2 * q], name=f"{name0}_split")(x)
-    y = unit_branch(x2, model_cfg, name0)
-    ya, yb = ChannelSplit([q, q], name=f"{name0}_branch_split")(y)
-    z = unit_branch(layers.Concatenate(name=f"{name1}_gather")([x1b, yb]), model_cfg, name1)
-    z1, z2 = ChannelSplit([q, q], name=f"{name1}_branch_split")(z)
+    ya, yb = unit_branch(x2, model_cfg, name0, halves=True)
+    gather = layers.Concatenate(name=f"{name1}_gather")([x1b, yb])
+    z1, z2 = unit_branch(gather, model_cfg, name1, halves=True)
     t = layers.Concatenate(name=f"{name1}_concat")([x1a, z1, ya, z2])
     return channel_shuffle(t, 4, f"{name1}_shuffle")
 

@@ -55,7 +55,8 @@ class SUSA(tf_keras.layers.Layer):
     """
 
     def __init__(self, direction: str = "h", max_length: int = 96, fusion: str = "mul",
-                 epsilon: float = 1e-5, fake_quant: bool = False, **kwargs):
+                 epsilon: float = 1e-5, fake_quant: bool = False, split_output: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if direction not in ("h", "w"):
             raise ValueError(f"SUSA direction must be 'h' or 'w', got {direction!r}")
@@ -69,6 +70,14 @@ class SUSA(tf_keras.layers.Layer):
         # moving-average int8 range, so the converter needs no calibration for SUSA.
         self.fake_quant = bool(fake_quant)
         self._quantizers = {}
+        # Deploy graphs of paired units (blocks.shuffle_unit_pair): the output as its two
+        # channel halves, each written by its own MUL. A SPLIT of one output instead feeds
+        # the pair's concats from a same-scale op, and the int8 converter then gave the
+        # pair's tensors two scales and requantised between them (48 QUANTIZE ops in x18,
+        # 2.4 AP points lost on the quickstart model).
+        self.split_output = bool(split_output)
+        if self.split_output and self.fake_quant:
+            raise ValueError(f"{self.name}: split_output is for deploy graphs, not QAT")
         # Axis the learned weights pool over, and the axis the softmax runs along.
         self._pool_axis, self._attend_axis = (1, 2) if direction == "h" else (2, 1)
 
@@ -241,12 +250,16 @@ class SUSA(tf_keras.layers.Layer):
         t = fq("pooled", num * fq("recip", tf.math.reciprocal(den)))
         centred = fq("centred", self._centred_conv(t, conv_kernel, conv_bias))
         gate, normed, rstd = self._gate(centred, ln_gamma, ln_beta, training)
-        y = x * gate if self.fusion == "mul" else x + gate
-        return y, (e, den, t, normed, rstd, gate)
+        fuse = (lambda a, b: a * b) if self.fusion == "mul" else (lambda a, b: a + b)
+        if self.split_output:
+            pieces = zip(tf.split(x, 2, axis=-1), tf.split(gate, 2, axis=-1))
+            return [fuse(a, b) for a, b in pieces], None
+        return fuse(x, gate), (e, den, t, normed, rstd, gate)
 
     def call(self, x, training=None):
         params = self._params()
-        if training is True and not self.fake_quant and x.shape[1:3].is_fully_defined():
+        if (training is True and not self.fake_quant and not self.split_output
+                and x.shape[1:3].is_fully_defined()):
             return self._fused_gradient_call(x, params)
         return self._forward(x, params, training)[0]
 
@@ -265,12 +278,17 @@ class SUSA(tf_keras.layers.Layer):
         return fused(x, *params)
 
     def compute_output_shape(self, input_shape):
-        return input_shape
+        if not self.split_output:
+            return input_shape
+        shape = tf.TensorShape(input_shape)
+        half = shape[:-1].concatenate([shape[-1] // 2])
+        return [half, half]
 
     def get_config(self):
         config = super().get_config()
         config.update(direction=self.direction, max_length=self.max_length,
-                      fusion=self.fusion, epsilon=self.epsilon, fake_quant=self.fake_quant)
+                      fusion=self.fusion, epsilon=self.epsilon, fake_quant=self.fake_quant,
+                      split_output=self.split_output)
         return config
 
 

@@ -106,23 +106,25 @@ def build_models(configs: List[str]) -> Dict[str, Tuple[object, Optional[object]
 
 
 def convert(model, fmt: str, config=None) -> bytes:
-    """The package's converter; for an X-HRNet/WNL model (config given) int8 from its int8
-    graph and float formats from its paired graph, as `export` does. "qat" is the int8 graph
-    a QAT run exports (SUSA's LayerNorm as L2 normalisation, its query as a depthwise conv),
-    ranges calibrated on the same random images as PTQ's."""
+    """The package's converter; for an X-HRNet/WNL model (config given) the graphs `export`
+    converts: int8 from `int8_deploy_copy`, float formats from the paired graph. "qat" is the
+    int8 graph a QAT run exports (SUSA's LayerNorm as L2 normalisation, its query as a
+    depthwise conv), ranges calibrated on the same random images as PTQ's."""
     from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf.export import format_hook, int8_graph_copy, ptq_int8_hook  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.export import (format_hook, int8_deploy_copy, int8_graph_copy,  # pylint: disable=import-outside-toplevel
+                                  ptq_int8_hook)
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     if fmt in ("int8", "qat"):
-        if config is not None:
-            model = int8_graph_copy(config, model)
         rng = np.random.default_rng(0)
         shape = (1,) + tuple(model.input_shape[1:])
         images = [rng.normal(size=shape).astype(np.float32) for _ in range(8)]
         if fmt == "qat":
-            model, _ = qat.quantize_model(model)
+            model, _ = qat.quantize_model(model if config is None else
+                                          int8_graph_copy(config, model))
             qat.calibrate_ranges(model, images)
             return to_tflite(model, converter_hook=qat.int8_hook())
+        if config is not None:
+            model = int8_deploy_copy(config, model)
         return to_tflite(model, converter_hook=ptq_int8_hook(images, "float"))
     if config is not None:  # float graphs as xhrnet_tf.export writes them
         from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
