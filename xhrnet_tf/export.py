@@ -136,7 +136,7 @@ def int8_graph_copy(config: Config, model):
 
 def int8_deploy_copy(config: Config, model):
     """The graph int8 PTQ converts: the int8 graph, for SX units with paired shuffle units
-    (`model.paired_copy`). x18 int8 8% faster, quickstart model's PTQ AP unchanged (0.360
+    (`model.paired_copy`). x18 int8 6-8% faster, quickstart model's PTQ AP unchanged (0.360
     against 0.355 plain). Other unit types stay unpaired: their pairs end in a SPLIT of the
     branch output, which the converter requantises (49 QUANTIZE ops in WNL-HRNet-18)."""
     if (config.model if isinstance(config, Config) else config).unit != "sx":

@@ -70,11 +70,11 @@ class SUSA(tf_keras.layers.Layer):
         # moving-average int8 range, so the converter needs no calibration for SUSA.
         self.fake_quant = bool(fake_quant)
         self._quantizers = {}
-        # Deploy graphs of paired units (blocks.shuffle_unit_pair): the output as its two
-        # channel halves, each written by its own MUL. A SPLIT of one output instead feeds
-        # the pair's concats from a same-scale op, and the int8 converter then gave the
-        # pair's tensors two scales and requantised between them (48 QUANTIZE ops in x18,
-        # 2.4 AP points lost on the quickstart model).
+        # int8 deploy graphs of paired units (blocks.shuffle_unit_pair): the output as its
+        # two channel halves, each written by its own MUL. A SPLIT of one output instead
+        # feeds the pair's concats from a same-scale op, and the int8 converter then gave
+        # the pair's tensors two scales and requantised between them (48 QUANTIZE ops more
+        # in x18, 2.4 AP points lost on the quickstart model).
         self.split_output = bool(split_output)
         if self.split_output and self.fake_quant:
             raise ValueError(f"{self.name}: split_output is for deploy graphs, not QAT")
