@@ -126,6 +126,7 @@ def test_x18_tflite_is_delegate_friendly():
     assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_x18_fp16_and_dynamic_keep_the_keypoints(tmp_path):
     """fp16 and dynamic-range models against Keras on real person crops (pose_minicoco val):
     fp16 decodes every clear keypoint within 0.5 heatmap pixel, dynamic range 95% of them.

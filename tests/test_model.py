@@ -20,6 +20,7 @@ REF = ("refs", "sxhrnet_18_coco_256x192")
     ("x18.yaml", 1_342_049, 1_341_352),
     ("x30.yaml", 2_117_657, 2_116_960),
     ("px30.yaml", 1_781_369, 1_780_672),
+    ("x18_dwonly.yaml", 885_985, 885_288),  # the latency ablation: x18 without SUSA
 ])
 def test_parameter_counts_are_exact(name, params, backbone):
     cfg, model = built_pose_model(name)
@@ -32,6 +33,7 @@ def test_parameter_counts_are_exact(name, params, backbone):
     ("x30.yaml", None, 300.21, 371.09),
     ("x18.yaml", (384, 288), 433.16, 521.95),
     ("x30_384.yaml", None, 668.03, 827.41),
+    ("x18_dwonly.yaml", None, 188.67, 228.09),
 ])
 def test_paper_flops_and_macs(name, size, paper_flops, official_conv_macs):
     cfg, model = built_pose_model(name, size)

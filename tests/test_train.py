@@ -138,6 +138,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_on_loopback(tiny_data, tmp_path):
     config, _ = tiny_data
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
@@ -238,6 +239,7 @@ def test_mixed_precision_step_runs():
     assert ModelConfig  # the config dataclass stays importable alongside training code
 
 
+@pytest.mark.slow
 def test_training_step_runs_without_keeping_its_python_graph():
     """make_train_step's GraphFreeStep: the same losses as calling the tf.function, and no
     traced training graph left alive afterwards (SUSA's custom gradients used to pin it)."""
@@ -285,6 +287,7 @@ def test_training_step_is_traced_once():
     assert function.experimental_get_tracing_count() == 1
 
 
+@pytest.mark.slow
 def test_xla_gradients_match_the_plain_ones(capfd):
     """jit_compile is the GPU path; on CPU it must compute the same step (and say it is slow)."""
     from xhrnet_tf.train import build_training_state, make_loss_and_grads
