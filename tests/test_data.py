@@ -295,6 +295,18 @@ def test_missing_tfrecords_are_named():
         pipeline.build_dataset(cfg, training=True)
 
 
+def test_data_converters_do_not_load_tensorflow():
+    """The converters' spawn workers import these modules; TensorFlow would cost each of them
+    seconds and hundreds of MB."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    code = ("import sys, xhrnet_tf, xhrnet_tf.data.create_tfrecords, xhrnet_tf.data.synthetic; "
+            "print(sorted(m for m in ('tensorflow', 'tf_keras') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_synthetic_set_is_valid_coco_and_converts(tmp_path):
     paths = synthetic.generate(str(tmp_path / "s"), images=10, seed=0)
     coco = json.loads(open(paths["train"], encoding="utf-8").read())

@@ -245,6 +245,26 @@ def test_bench_tflite_times_every_model_and_computes_ratios_from_them(capsys):
     assert "x18 fp32 / mnv2_sb fp32 @1t" in capsys.readouterr().out
 
 
+def test_bench_ratios_set_goals_for_x_hrnet_and_none_for_ablations():
+    """The issue's goals: vs the peers for x18, int8 <= 0.6x fp32 for X-HRNet networks; the
+    SUSA-free ablation gets its ratios without a goal."""
+    from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
+    ms = {"x18": (12.0, 7.0), "x18_dwonly": (9.0, 10.0), "wnl18": (14.0, 20.0),
+          "mnv2_sb": (100.0, 40.0)}
+    lat = {(m, f, 1): (v, v * 1.1) for m, pair in ms.items()
+           for f, v in zip(("fp32", "int8"), pair)}
+    res = {"latency": lat, "threads": [1], "formats": ["fp32", "int8"],
+           "configs": ["x18", "x18_dwonly"], "xhrnet": ["x18"]}
+    got = {r["ratio"]: (round(r["value"], 4), r["goal"], r["met"])
+           for r in bench_tflite.ratios(res)}
+    assert got["x18 fp32 / mnv2_sb fp32 @1t"] == (0.12, 0.17, True)
+    assert got["x18 / wnl18 fp32 @1t"] == (round(12 / 14, 4), 0.8, False)
+    assert got["x18 int8 / fp32 @1t"] == (round(7 / 12, 4), 0.6, True)
+    assert got["x18_dwonly / wnl18 fp32 @1t"][1:] == (None, None)
+    assert got["x18_dwonly int8 / fp32 @1t"] == (round(10 / 9, 4), None, None)
+    assert not any("qat" in label for label in got)  # no qat timing, no qat ratio
+
+
 @pytest.mark.slow
 def test_bench_converts_the_graph_a_qat_run_exports():
     """`--formats qat` times the int8 graph QAT exports (L2 normalisation, no float op)."""

@@ -6,18 +6,27 @@ import os
 # load Keras 3 (~30 MB per process). No effect when TensorFlow was imported first.
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-# pylint: disable=wrong-import-position
-from xhrnet_tf.config import Config, ConfigError, ModelConfig, load_config
-from xhrnet_tf.layers import CUSTOM_OBJECTS
-from xhrnet_tf.model import build_backbone, build_pose_model
+# Names resolve on first use, so that importing a TensorFlow-free module (codec, config, the
+# data converters) does not load TensorFlow: each worker of create_tfrecords' spawn pool
+# imports the package, and TensorFlow took 5.6 s and 540 MB of it per worker.
+_LAZY = {
+    "Config": "xhrnet_tf.config", "ConfigError": "xhrnet_tf.config",
+    "ModelConfig": "xhrnet_tf.config", "load_config": "xhrnet_tf.config",
+    "CUSTOM_OBJECTS": "xhrnet_tf.layers", "build_backbone": "xhrnet_tf.model",
+    "build_pose_model": "xhrnet_tf.model", "PoseEstimator": "xhrnet_tf.inference",
+}
 
 
 def __getattr__(name):
-    # PoseEstimator pulls in OpenCV; import it on first use only.
-    if name == "PoseEstimator":
-        from xhrnet_tf.inference import PoseEstimator  # pylint: disable=import-outside-toplevel
-        return PoseEstimator
+    if name in _LAZY:
+        import importlib  # pylint: disable=import-outside-toplevel
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'xhrnet_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "build_backbone",
            "build_pose_model", "CUSTOM_OBJECTS", "PoseEstimator"]
