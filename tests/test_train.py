@@ -79,6 +79,18 @@ def test_nearest_upsample_matches_upsampling2d_and_its_gradient():
                                rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def train_only(tiny_data):
+    """tiny_data's config without its validation set: these tests are about training, and
+    each run's final evaluation would add ~8 s to it."""
+    config, raw = tiny_data
+    raw = dict(raw, data=dict(raw["data"], val_tfrecords="", val_annotations=""))
+    path = os.path.join(os.path.dirname(config), "tiny_train_only.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f)
+    return path, raw
+
+
 def _final_weights(model_dir, raw):
     import xhrnet_tf
     model = xhrnet_tf.build_pose_model(config_from_dict(raw))
@@ -86,8 +98,8 @@ def _final_weights(model_dir, raw):
     return model.get_weights()
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_data, tmp_path):
-    config, raw = tiny_data
+def test_resume_after_kill_matches_uninterrupted_run(train_only, tmp_path):
+    config, raw = train_only
     ref = _run(config, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = _run(config, tmp_path / "killed", wait=False)
@@ -108,8 +120,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_data, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_mirrored_strategy_on_two_cpu_devices(tiny_data, tmp_path):
-    config, _ = tiny_data
+def test_mirrored_strategy_on_two_cpu_devices(train_only, tmp_path):
+    config, _ = train_only
     script = f"""
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
@@ -171,8 +183,8 @@ np.savez(sys.argv[3], *w)
     assert not any(n.startswith("worker_tmp") for n in os.listdir(tmp_path / "mw"))
 
 
-def test_bad_starts_fail_with_one_line_and_keep_checkpoints(tiny_data, tmp_path):
-    config, raw = tiny_data
+def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, tmp_path):
+    config, raw = train_only
     res = _run(config, tmp_path / "a", "--override=train.epochz=3")
     assert res.returncode != 0 and "unknown key 'train.epochz'" in res.stderr
     res = _run(config, tmp_path / "a", "--override=data.train_tfrecords=/nope/x-*.tfrecord")
@@ -192,8 +204,8 @@ def test_bad_starts_fail_with_one_line_and_keep_checkpoints(tiny_data, tmp_path)
     assert sorted(os.listdir(tmp_path / "b" / "ckpt")) == before
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
-    config, _ = tiny_data
+def test_nan_loss_stops_and_keeps_last_checkpoint(train_only, tmp_path):
+    config, _ = train_only
     ok = _run(config, tmp_path / "n", "--override=train.max_steps=5")
     assert ok.returncode == 0
     res = _run(config, tmp_path / "n", "--override=train.max_steps=10",

@@ -81,15 +81,20 @@ def save_saved_model(model, path: str, batch_size: Optional[int] = None) -> None
                                                       "keypoints": keypoints})
 
 
+def _calibration_files(tfrecords: str) -> List[str]:
+    files = sorted(tf.io.gfile.glob(tfrecords))
+    if not files:
+        raise ExportError(f"--tfrecords {tfrecords!r}: no files match; int8 needs "
+                          "calibration data")
+    return files
+
+
 def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> List[np.ndarray]:
     """Normalised person crops for int8 calibration."""
     from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
     with tempfile.TemporaryDirectory() as tmp:
         if tfrecords:
-            files = sorted(tf.io.gfile.glob(tfrecords))
-            if not files:
-                raise ExportError(f"--tfrecords {tfrecords!r}: no files match; int8 needs "
-                                  "calibration data")
+            files = _calibration_files(tfrecords)
         else:
             from xhrnet_tf.data import synthetic  # pylint: disable=import-outside-toplevel
             from xhrnet_tf.data.create_tfrecords import create_tfrecords  # pylint: disable=import-outside-toplevel
@@ -252,6 +257,8 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
                           "the other formats float weights; export them separately")
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
+    if "int8" in formats and tfrecords:
+        _calibration_files(tfrecords)  # fails before the model is built, not after
     model = build_pose_model(config, int8_graph="qat" in formats)
     if "qat" in formats:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
