@@ -8,7 +8,8 @@ overhead spreads over them):
 
 * `SUSA`: the layer as exported (random weights, the `tflite_graph` form of its query);
 * `skeleton`: only its full-size work, the three broadcast MULs and two SUMs (query weighting,
-  attention-weighted sum, gate), with SUSA's own broadcast shapes, no small ops;
+  attention-weighted sum, gate), with SUSA's own broadcast shapes; of its small ops only one
+  scaling of a pooled vector, which keeps the chain finite;
 * `gate MUL`: only the last of these, the output times its gate: a lower bound for any SUSA;
 * `good MUL`: the same MUL with the operand broadcast along H instead, (1, W, C), whose rows
   XNNPACK streams in full; an (H, 1, C) operand is applied C values at a time.
