@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import sys
 import time
 from typing import Dict, List, Tuple
@@ -126,12 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--chain", type=int, default=8, help="steps per timed model")
     args = p.parse_args(argv)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs")
-    path = args.config if args.config.endswith(".yaml") else \
-        os.path.join(root, f"{args.config}.yaml")
+    from xhrnet_tf.tools.bench_tflite import config_path  # pylint: disable=import-outside-toplevel
     try:
-        config = xhrnet_tf.load_config(path)
+        config = xhrnet_tf.load_config(config_path(args.config))
     except (OSError, ValueError) as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 1

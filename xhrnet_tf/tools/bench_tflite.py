@@ -81,15 +81,21 @@ def unit_scale_weights(model, seed: int = 0) -> None:
         layer.momentum = m
 
 
+def config_path(name: str) -> str:
+    """A config name in the repository's configs/ (x18, wnl18, ...) or a YAML path."""
+    if name.endswith(".yaml"):
+        return name
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(root, "configs", f"{name}.yaml")
+
+
 def bench_model(name: str) -> Tuple[str, object, Optional[object]]:
     """(key, model with bench weights, its Config) for a config name in configs/, a YAML
     path, or PEER_MNV2 (no Config)."""
     if name == PEER_MNV2:
         return PEER_MNV2, mobilenetv2_simplebaseline(), None
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "configs")
-    path = name if name.endswith(".yaml") else os.path.join(root, f"{name}.yaml")
+    path = config_path(name)
     cfg = xhrnet_tf.load_config(path)
     model = xhrnet_tf.build_pose_model(cfg)
     unit_scale_weights(model)
