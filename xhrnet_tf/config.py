@@ -14,6 +14,10 @@ from typing import Any, Literal, Tuple
 import yaml
 
 
+# The unit types whose branches hold SUSA layers (X-HRNet's); naive and baseline have none.
+SUSA_UNITS = ("sx", "px")
+
+
 class ConfigError(ValueError):
     """A configuration file or value is invalid."""
 
@@ -192,7 +196,7 @@ def validate_model(m: ModelConfig, where: str = "model") -> None:
 def check_input_size(m: ModelConfig, size: Tuple[int, int], where: str = "model") -> None:
     """The SUSA group weights cover at most max_height x max_width branch-0 positions."""
     h, w = size
-    if m.unit in ("sx", "px") and (h // 4 > m.max_height or w // 4 > m.max_width):
+    if m.unit in SUSA_UNITS and (h // 4 > m.max_height or w // 4 > m.max_width):
         raise ConfigError(
             f"{where}: input {h}x{w} is larger than this model supports "
             f"({4 * m.max_height}x{4 * m.max_width}: the SUSA group weights have "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-import time
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -76,27 +75,17 @@ def chain_model(kind: str, shape, direction: str, steps: int, seed: int = 0):
 
 def measure(config, threads: int = 1, runs: int = 300, steps: int = 8) -> List[Dict]:
     """One row per (shape, direction): instances and median us per instance of each kind."""
-    from xhrnet_tf.tflite_utils import interpreter, to_tflite  # pylint: disable=import-outside-toplevel
-    rows, interps = [], {}
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tools.bench_tflite import time_round_robin  # pylint: disable=import-outside-toplevel
+    rows, contents = [], {}
     for (shape, direction), count in susa_instances(config).items():
         rows.append({"shape": shape, "direction": direction, "count": count})
         for kind in KINDS:
-            interp = interpreter(to_tflite(chain_model(kind, shape, direction, steps)),
-                                 num_threads=threads)
-            detail = interp.get_input_details()[0]
-            interp.set_tensor(detail["index"], np.random.default_rng(1).normal(
-                size=detail["shape"]).astype(np.float32))
-            for _ in range(5):
-                interp.invoke()
-            interps[(len(rows) - 1, kind)] = interp
-    times = collections.defaultdict(list)
-    for _ in range(runs):  # round-robin: drift of the machine hits every model alike
-        for key, interp in interps.items():
-            t0 = time.perf_counter()
-            interp.invoke()
-            times[key].append((time.perf_counter() - t0) * 1e6 / steps)
-    for (i, kind), us in times.items():
-        rows[i][kind] = float(np.median(us))
+            contents[(len(rows) - 1, kind)] = to_tflite(chain_model(kind, shape, direction,
+                                                                    steps))
+    # round-robin: drift of the machine hits every model alike
+    for (i, kind), ms in time_round_robin(contents, threads, runs, warmup=5).items():
+        rows[i][kind] = float(np.median(ms)) * 1e3 / steps
     return rows
 
 
@@ -125,13 +114,14 @@ def main(argv=None) -> int:
     p.add_argument("--chain", type=int, default=8, help="steps per timed model")
     args = p.parse_args(argv)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.config import SUSA_UNITS  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tools.bench_tflite import config_path  # pylint: disable=import-outside-toplevel
     try:
         config = xhrnet_tf.load_config(config_path(args.config))
     except (OSError, ValueError) as e:
         print(f"error: --config: {e}", file=sys.stderr)
         return 1
-    if config.model.unit not in ("sx", "px"):
+    if config.model.unit not in SUSA_UNITS:
         print(f"error: --config {args.config}: unit '{config.model.unit}' has no SUSA layer; "
               "choose an X-HRNet config (unit sx or px)", file=sys.stderr)
         return 1

@@ -166,6 +166,7 @@ def time_round_robin(contents: Dict[str, bytes], threads: int, runs: int,
 
 
 def run(configs: List[str], formats: List[str], threads: List[int], runs: int) -> Dict:
+    from xhrnet_tf.config import SUSA_UNITS  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import graph_report, xnnpack_report  # pylint: disable=import-outside-toplevel
     models = build_models(configs)
     contents, rows = {}, []
@@ -191,7 +192,7 @@ def run(configs: List[str], formats: List[str], threads: List[int], runs: int) -
     configs = [k for k in models if k not in (PEER_WNL, PEER_MNV2)]
     return {"rows": rows, "latency": latency, "threads": threads, "formats": formats,
             "configs": configs,
-            "xhrnet": [k for k in configs if models[k][1].model.unit in ("sx", "px")]}
+            "xhrnet": [k for k in configs if models[k][1].model.unit in SUSA_UNITS]}
 
 
 def ratios(res: Dict) -> List[Dict]:
