@@ -179,6 +179,34 @@ def test_x18_save_load_formats(fmt, tmp_path):
     _save_load(model, x, fmt, tmp_path)
 
 
+def test_weights_that_do_not_fit_give_one_line_errors(tmp_path):
+    """Missing, non-HDF5 and other-model weights: one line naming the file and the fix."""
+    from xhrnet_tf.inference import PoseEstimator
+    from xhrnet_tf.model import WeightsError, load_weights
+    naive = str(tmp_path / "naive.weights.h5")
+    xhrnet_tf.build_pose_model(_tiny(unit="naive")).save_weights(naive)
+    junk = tmp_path / "junk.weights.h5"
+    junk.write_bytes(b"not HDF5")
+    sx = xhrnet_tf.build_pose_model(_tiny())
+    cases = {str(tmp_path / "missing.weights.h5"): "weights file not found",
+             str(junk): "does not fit this config's model", naive: "does not fit"}
+    for path, expected in cases.items():
+        with pytest.raises(WeightsError) as info:
+            load_weights(sx, path)
+        message = str(info.value)
+        assert path in message and expected in message and "\n" not in message, message
+    with pytest.raises(WeightsError, match="same config"):
+        PoseEstimator.from_weights(xhrnet_tf.Config(model=_tiny()), naive)
+    # Weights of the same network still load, and change the output.
+    ok = str(tmp_path / "sx.weights.h5")
+    other = xhrnet_tf.build_pose_model(_tiny())
+    _randomise(other, seed=4)
+    other.save_weights(ok)
+    load_weights(sx, ok)
+    x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_array_equal(sx(x).numpy(), other(x).numpy())
+
+
 def test_backbone_outputs():
     cfg = _tiny()
     feat = xhrnet_tf.build_backbone(cfg)

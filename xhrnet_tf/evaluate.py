@@ -172,10 +172,9 @@ def _evaluate_images(args) -> int:
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data.create_tfrecords import create_tfrecords  # pylint: disable=import-outside-toplevel
     cfg = xhrnet_tf.load_config(args.config)
+    from xhrnet_tf.model import load_weights  # pylint: disable=import-outside-toplevel
     model = xhrnet_tf.build_pose_model(cfg)
-    if not os.path.isfile(args.weights):
-        raise FileNotFoundError(f"{args.weights}: weights file not found")
-    model.load_weights(args.weights)
+    load_weights(model, args.weights)
     with tempfile.TemporaryDirectory() as tmp:
         mode = "val_det" if args.detections else "val_gt"
         shards = create_tfrecords(args.annotations, args.images, os.path.join(tmp, "val"),

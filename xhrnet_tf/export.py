@@ -247,7 +247,8 @@ def sidecar(config: Config, files: dict) -> dict:
 def export(config: Config, weights: str, output_dir: str, formats: List[str],
            tfrecords: Optional[str] = None, int8_io: str = "float",
            calibration_samples: int = 200, equalize: bool = True) -> dict:
-    from xhrnet_tf.model import build_pose_model, paired_copy  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.model import (  # pylint: disable=import-outside-toplevel
+        WeightsError, build_pose_model, load_weights, paired_copy)
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -263,12 +264,11 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     if "qat" in formats:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
         model, _ = qat.quantize_model(model)
+    kind = "a QAT run's model (train.qat: true)" if "qat" in formats else "this config's model"
     try:
-        model.load_weights(weights)
-    except (ValueError, OSError) as e:
-        kind = "a QAT run's (train.qat: true)" if "qat" in formats else "this config's model"
-        raise ExportError(f"{weights}: does not fit {kind} "
-                          f"({str(e).splitlines()[0][:200]})") from None
+        load_weights(model, weights, kind, hint="pass the weights a run of this config saved")
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
     calib = calibration_images(config, tfrecords, calibration_samples) if "int8" in formats \
         else None
     os.makedirs(output_dir, exist_ok=True)

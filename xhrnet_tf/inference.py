@@ -39,9 +39,10 @@ class PoseEstimator:
     @classmethod
     def from_weights(cls, config, weights: str, **kwargs) -> "PoseEstimator":
         import xhrnet_tf  # pylint: disable=import-outside-toplevel
+        from xhrnet_tf.model import load_weights  # pylint: disable=import-outside-toplevel
         cfg = xhrnet_tf.load_config(config) if isinstance(config, str) else config
         model = xhrnet_tf.build_pose_model(cfg)
-        model.load_weights(weights)
+        load_weights(model, weights)
         return cls.from_model(model, **kwargs)
 
     @classmethod

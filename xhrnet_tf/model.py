@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import tf_keras
@@ -83,6 +84,26 @@ def build_pose_model(config: Union[Config, ModelConfig],
     feats = backbone_features(image, model_cfg, int8_graph, paired)
     heatmaps = blocks.heatmap_head(feats[0], model_cfg.num_joints)
     return tf_keras.Model(image, heatmaps, name=name)
+
+
+class WeightsError(ValueError):
+    """Weights that are missing, unreadable, or saved from another model."""
+
+
+def load_weights(model: tf_keras.Model, path: str, what: str = "this config's model",
+                 hint: str = "pass weights saved by a run of the same config") -> None:
+    """`model.load_weights(path)` with a one-line error that names the file and the fix.
+
+    Keras reports a mismatch as a multi-line message about one layer's variables, and a file
+    that is not HDF5 without its name.
+    """
+    if not path or (not os.path.exists(path) and not os.path.exists(path + ".index")):
+        raise WeightsError(f"{path!r}: weights file not found")
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError, KeyError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{path}: does not fit {what} ({first[:160]}); {hint}") from None
 
 
 def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,

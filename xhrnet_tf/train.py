@@ -12,7 +12,7 @@ import tf_keras
 import yaml
 from tensorflow.python.eager import context
 
-from xhrnet_tf import build_pose_model
+from xhrnet_tf.model import WeightsError, build_pose_model, load_weights
 from xhrnet_tf.config import Config, config_to_dict
 from xhrnet_tf.data import pipeline
 from xhrnet_tf.graph_free import GraphFreeStep
@@ -87,10 +87,10 @@ def build_model(cfg: Config, init: bool = True):
             raise TrainingError(f"train.init_weights {path!r}: file not found; train the float "
                                 "model first or fix the path")
         try:
-            model.load_weights(path)
-        except (ValueError, OSError) as e:
-            raise TrainingError(f"train.init_weights {path}: does not fit this config's model "
-                                f"({str(e).splitlines()[0][:160]})") from None
+            load_weights(model, path, hint="point it at the float weights of this config's "
+                         "model (a train.qat run starts from float weights)")
+        except WeightsError as e:
+            raise TrainingError(f"train.init_weights {e}") from None
     if cfg.train.qat:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
         if init and path:

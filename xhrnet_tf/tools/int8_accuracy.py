@@ -58,21 +58,25 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf import evaluate, export, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.model import load_weights  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     model = xhrnet_tf.build_pose_model(cfg)
-    model.load_weights(weights)
+    load_weights(model, weights, hint="--weights takes the float model's weights")
     calib = export.training_calibration_images(cfg, calibration_samples)
     variants = {"float (Keras)": _keras_predict(model)}
     for name, content in export.ptq_variants(cfg, model, calib).items():
         variants[f"int8 PTQ, {name} (.tflite)"] = _tflite_predict(content)
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)
-        control.load_weights(control_weights)
+        load_weights(control, control_weights,
+                     hint="--control_weights takes float weights of the same config")
         variants[CONTROL] = _keras_predict(control)
     if qat_weights:
         qmodel, _ = qat.quantize_model(xhrnet_tf.build_pose_model(qat_cfg or cfg,
                                                                   int8_graph=True))
-        qmodel.load_weights(qat_weights)
+        load_weights(qmodel, qat_weights, "the QAT model",
+                     hint="--qat_weights takes the weights a train.qat run saved, with its "
+                          "config as --qat_config")
         variants[QAT] = _tflite_predict(
             to_tflite(qmodel, converter_hook=qat.int8_hook()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +116,14 @@ def main(argv=None) -> int:
         if path and not os.path.isfile(path):
             print(f"error: {path}: weights file not found", file=sys.stderr)
             return 1
-    cfg = xhrnet_tf.load_config(args.config)
-    qat_cfg = xhrnet_tf.load_config(args.qat_config) if args.qat_config else None
-    res = compare(cfg, args.weights, qat_cfg, args.qat_weights, args.annotations, args.images,
-                  args.calibration_samples, args.control_weights)
+    try:
+        cfg = xhrnet_tf.load_config(args.config)
+        qat_cfg = xhrnet_tf.load_config(args.qat_config) if args.qat_config else None
+        res = compare(cfg, args.weights, qat_cfg, args.qat_weights, args.annotations,
+                      args.images, args.calibration_samples, args.control_weights)
+    except ValueError as e:  # ConfigError, WeightsError, DataError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     n = next(iter(res.values()))["instances"]
     print(f"\n{n} instances; distances are to the float model's keypoints, in heatmap pixels\n")
     print("| model | AP | AP50 | mean distance (hm px) |\n|---|---|---|---|")
