@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 import yaml
 
 import xhrnet_tf
@@ -265,6 +266,21 @@ def test_bench_ratios_set_goals_for_x_hrnet_and_none_for_ablations():
     assert got["x18_dwonly / wnl18 fp32 @1t"][1:] == (None, None)
     assert got["x18_dwonly int8 / fp32 @1t"] == (round(10 / 9, 4), None, None)
     assert not any("qat" in label for label in got)  # no qat timing, no qat ratio
+
+
+def test_bench_rounds_give_every_model_every_turn():
+    """Round-robin timing rotates the order, so no model always runs first or last."""
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tools import bench_tflite  # pylint: disable=import-outside-toplevel
+    keys = ["x18", "wnl18", "mnv2_sb"]
+    turns = {k: [bench_tflite.round_robin_order(keys, r).index(k) for r in range(6)]
+             for k in keys}
+    assert all(sorted(t) == [0, 0, 1, 1, 2, 2] for t in turns.values()), turns
+    inp = tf_keras.Input((8, 8, 3), batch_size=1)
+    content = to_tflite(tf_keras.Model(inp, tf_keras.layers.Conv2D(4, 3)(inp)))
+    times = bench_tflite.time_round_robin({"a": content, "b": content}, 1, 5, warmup=1)
+    assert sorted(times) == ["a", "b"] and all(len(v) == 5 and min(v) > 0
+                                               for v in times.values())
 
 
 @pytest.mark.slow
