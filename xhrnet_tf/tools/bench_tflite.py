@@ -165,18 +165,23 @@ def time_round_robin(contents: Dict[str, bytes], threads: int, runs: int,
             interp.invoke()
         return interp
 
-    # The first interpreter made in a batch ran ~2% slower than the others, whatever its
-    # turn (x18 fp32, five copies of one model: 13.99 against 13.71-13.79 ms), which biased
-    # every ratio against the model listed first; an untimed one takes that place.
-    spare = ready(next(iter(contents.values())))
-    interps = {key: ready(content) for key, content in contents.items()}
-    times = {key: [] for key in contents}
-    for run_index in range(runs):
-        for key in round_robin_order(list(interps), run_index):
-            t0 = time.perf_counter()
-            interps[key].invoke()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-    del spare
+    # Interpreters made later in a batch ran faster, whatever their turn: the first ~2% slower
+    # than the rest, the rest ~1% apart in the order made (x18 fp32, copies of one model),
+    # which biased every ratio against the models listed first. So the runs come in blocks,
+    # each with fresh interpreters made in a rotated order, the first of them untimed.
+    keys = list(contents)
+    times = {key: [] for key in keys}
+    blocks = min(len(keys), runs)
+    for block in range(blocks):
+        made = round_robin_order(keys, block)
+        spare = ready(contents[made[0]])
+        interps = {key: ready(contents[key]) for key in made}
+        for run_index in range(runs // blocks + (block < runs % blocks)):
+            for key in round_robin_order(made, run_index):
+                t0 = time.perf_counter()
+                interps[key].invoke()
+                times[key].append((time.perf_counter() - t0) * 1e3)
+        del spare, interps
     return times
 
 
