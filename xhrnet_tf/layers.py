@@ -180,8 +180,16 @@ class SUSA(tf_keras.layers.Layer):
             kernel = self._kernel_fq(kernel, depthwise=True)
             q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
             return q + mean_bias
+        if self.direction == "h":
+            # XNNPACK applies an (H, 1, C) operand C values at a time (2.1x the time of a
+            # (1, W, C) one at C = 20), a per-row scalar (H, 1, 1) over whole rows: weight
+            # the rows, then scale the channels of the pooled (1, W, C) vector. x18 fp32
+            # -1.2% (A/B, 3 x 100 runs), and 48 (H, 1, C) constants fewer in the file.
+            rows = tf.reshape(g, const((length, 1, 1)))
+            pooled = tf.reduce_sum(x * rows, axis=const(1), keepdims=True)
+            return pooled * (mean_kernel / divisor) + mean_bias
         kernel = tf.reshape(kernel, const(g_shape[:2] + (x.shape[-1],)))
-        pooled = tf.reduce_sum(x * kernel, axis=const(self._pool_axis), keepdims=True)
+        pooled = tf.reduce_sum(x * kernel, axis=const(2), keepdims=True)
         return pooled + mean_bias
 
     def _centred_conv(self, t, conv_kernel, conv_bias):

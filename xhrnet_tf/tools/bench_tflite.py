@@ -47,7 +47,7 @@ def mobilenetv2_simplebaseline(input_size=(256, 192)):
 
 
 def unit_scale_weights(model, seed: int = 0) -> None:
-    """He-normal conv kernels, unit SUSA pooling weights, SUSA biases and LayerNorm affine
+    """He-normal conv kernels, SUSA pooling weights, biases and LayerNorm affine
     values near the init's, and BN statistics measured on a random batch: every BN output
     has unit scale, as in a trained network.
 
@@ -67,10 +67,10 @@ def unit_scale_weights(model, seed: int = 0) -> None:
             v.assign(rng.normal(0.0, np.sqrt(1.0 / shape[2]), shape).astype(np.float32))
         elif leaf.startswith("mean_kernel"):
             v.assign(np.ones(shape, np.float32))
-        elif leaf.startswith(("ln_gamma", "ln_beta", "mean_bias", "conv_bias")):
+        elif leaf.startswith(("ln_gamma", "ln_beta", "mean_bias", "conv_bias", "group_weight")):
             # Not the init's exact ones and zeros, which the converter multiplies and adds
             # away (192 ops fewer in x18 than any trained model has).
-            base = 1.0 if leaf.startswith("ln_gamma") else 0.0
+            base = 1.0 if leaf.startswith(("ln_gamma", "group_weight")) else 0.0
             v.assign(rng.normal(base, 0.1, shape).astype(np.float32))
     bns = [l for l in model.layers if isinstance(l, tf_keras.layers.BatchNormalization)]
     momenta = [l.momentum for l in bns]
