@@ -23,6 +23,19 @@ def test_instances_are_the_networks_susa_layers():
     assert sizes == sorted(sizes, reverse=True)
 
 
+def full_size_mul_operands(content, full=(1, 8, 6, 8)):
+    """Sorted shapes (padded to rank 4) of the operands that MULs apply to a full tensor."""
+    interp = interpreter(content)
+    shapes = []
+    for op in interp._get_ops_details():  # pylint: disable=protected-access
+        dims = [tuple(interp._get_tensor_details(t, 0)["shape"])  # pylint: disable=protected-access
+                for t in op["inputs"]]
+        if op["op_name"] == "MUL" and full in dims:
+            other = dims[1 - dims.index(full)]
+            shapes.append((1,) * (4 - len(other)) + tuple(int(d) for d in other))
+    return sorted(shapes)
+
+
 @pytest.mark.parametrize("direction", ["h", "w"])
 def test_timed_models_hold_what_they_say(direction):
     shape = (8, 6, 8)
@@ -34,9 +47,11 @@ def test_timed_models_hold_what_they_say(direction):
     interp.invoke()
     out = interp.get_tensor(interp.get_output_details()[0]["index"])
     np.testing.assert_allclose(out, susa(x).numpy(), rtol=1e-4, atol=1e-5)
-    ops = graph_report(to_tflite(bench_susa.chain_model("skeleton", shape, direction, 2)))["ops"]
+    skeleton = to_tflite(bench_susa.chain_model("skeleton", shape, direction, 2))
     # per step: query weighting, attention-weighted sum, gate, and the one scaling of num
-    assert ops == {"MUL": 8, "SUM": 4}
+    assert graph_report(skeleton)["ops"] == {"MUL": 8, "SUM": 4}
+    # its full-size MULs broadcast the operand shapes SUSA's own do
+    assert full_size_mul_operands(skeleton) == full_size_mul_operands(to_tflite(susa))
     gate = bench_susa.chain_model("gate MUL", shape, direction, 1)
     good = bench_susa.chain_model("good MUL", shape, direction, 1)
     assert graph_report(to_tflite(gate))["ops"] == {"MUL": 1}

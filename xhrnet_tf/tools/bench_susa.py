@@ -47,7 +47,7 @@ def chain_model(kind: str, shape, direction: str, steps: int, seed: int = 0):
     from xhrnet_tf.layers import SUSA  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(seed)
     h, w, c = shape
-    # Broadcast operands as SUSA's: 'h' weights its query (H,1,C), attends (1,W,C) and gates
+    # Broadcast operands as SUSA's: 'h' weights its query (H,1,1), attends (1,W,C) and gates
     # (H,1,C); 'w' weights (1,W,C), attends (H,1,C), gates (1,W,C).
     pool, attend = (1, 2) if direction == "h" else (2, 1)
     operand = lambda dims: tf.constant(  # noqa: E731
@@ -62,7 +62,7 @@ def chain_model(kind: str, shape, direction: str, steps: int, seed: int = 0):
                 base = 1.0 if "gamma" in v.name or "group" in v.name else 0.0
                 v.assign(rng.normal(base, 0.3, v.shape).astype(np.float32))
         elif kind == "skeleton":  # scaled by the lengths so that the chain stays finite
-            weight = operand((1, 1, w, c) if pool == 2 else (1, h, 1, c)) / shape[pool - 1]
+            weight = operand((1, 1, w, c) if pool == 2 else (1, h, 1, 1)) / shape[pool - 1]
             q = tf.reduce_sum(x * weight, axis=pool, keepdims=True)
             num = tf.reduce_sum(x * q, axis=attend, keepdims=True)
             x = x * (num / shape[attend - 1])
