@@ -171,8 +171,8 @@ def evaluate_model(model, config, files: List[str], annotations: str,
 def _evaluate_images(args) -> int:
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data.create_tfrecords import create_tfrecords  # pylint: disable=import-outside-toplevel
-    cfg = xhrnet_tf.load_config(args.config)
     from xhrnet_tf.model import load_weights  # pylint: disable=import-outside-toplevel
+    cfg = xhrnet_tf.load_config(args.config)
     model = xhrnet_tf.build_pose_model(cfg)
     load_weights(model, args.weights)
     with tempfile.TemporaryDirectory() as tmp:

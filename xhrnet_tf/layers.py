@@ -173,14 +173,8 @@ class SUSA(tf_keras.layers.Layer):
         else:  # shared constants keep the training graph small (susa_grad)
             const, divisor = shared_constant, shared_constant(float(length), x.dtype)
         g = tf.slice(group_weight, const((0,)), const((length,)))
-        g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
-        kernel = (tf.reshape(g, const(g_shape))
-                  * tf.reshape(mean_kernel / divisor, const((1, 1, x.shape[-1], 1))))
-        if self.fake_quant or not getattr(_TRACE, "tflite", False):
-            kernel = self._kernel_fq(kernel, depthwise=True)
-            q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
-            return q + mean_bias
-        if self.direction == "h":
+        tflite = getattr(_TRACE, "tflite", False) and not self.fake_quant
+        if tflite and self.direction == "h":
             # XNNPACK applies an (H, 1, C) operand C values at a time (2.1x the time of a
             # (1, W, C) one at C = 20), a per-row scalar (H, 1, 1) over whole rows: weight
             # the rows, then scale the channels of the pooled (1, W, C) vector. x18 fp32
@@ -188,7 +182,14 @@ class SUSA(tf_keras.layers.Layer):
             rows = tf.reshape(g, const((length, 1, 1)))
             pooled = tf.reduce_sum(x * rows, axis=const(1), keepdims=True)
             return pooled * (mean_kernel / divisor) + mean_bias
-        kernel = tf.reshape(kernel, const(g_shape[:2] + (x.shape[-1],)))
+        g_shape = (length, 1, 1, 1) if self.direction == "h" else (1, length, 1, 1)
+        kernel = (tf.reshape(g, const(g_shape))
+                  * tf.reshape(mean_kernel / divisor, const((1, 1, x.shape[-1], 1))))
+        if not tflite:
+            kernel = self._kernel_fq(kernel, depthwise=True)
+            q = tf.nn.depthwise_conv2d(x, kernel, strides=(1, 1, 1, 1), padding="VALID")
+            return q + mean_bias
+        kernel = tf.reshape(kernel, const((1, length, x.shape[-1])))
         pooled = tf.reduce_sum(x * kernel, axis=const(2), keepdims=True)
         return pooled + mean_bias
 
