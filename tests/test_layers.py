@@ -5,7 +5,8 @@ import tensorflow as tf
 import tf_keras
 
 from xhrnet_tf import blocks
-from xhrnet_tf.layers import SUSA, BilinearResize, ChannelSplit, tflite_graph
+from xhrnet_tf.layers import SUSA, tflite_graph
+from xhrnet_tf.shape_layers import BilinearResize, ChannelSplit
 
 RNG = np.random.default_rng(0)
 

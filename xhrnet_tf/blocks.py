@@ -10,8 +10,8 @@ from typing import List, Sequence
 
 from tf_keras import layers
 
-from xhrnet_tf.layers import (SUSA, BilinearResize, ChannelSplit, NearestUpsample,
-                              Subsample2x, conv_initializer)
+from xhrnet_tf.layers import SUSA, conv_initializer
+from xhrnet_tf.shape_layers import BilinearResize, ChannelSplit, NearestUpsample, Subsample2x
 
 # PyTorch BatchNorm defaults in Keras terms (SPEC 2.2): eps 1e-5, running = 0.9 * running + ...
 BN_EPSILON = 1e-5

@@ -34,8 +34,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from xhrnet_tf.layers import (CUSTOM_OBJECTS, SUSA, BilinearResize, ChannelSplit,
-                              NearestUpsample, Subsample2x)
+from xhrnet_tf.layers import CUSTOM_OBJECTS, SUSA
+from xhrnet_tf.shape_layers import BilinearResize, ChannelSplit, NearestUpsample, Subsample2x
 
 _PASSTHROUGH = (ChannelSplit, NearestUpsample, BilinearResize, Subsample2x)
 # Stock layers whose int8 kernels must keep their input's scale. tfmot would give Reshape and

@@ -21,8 +21,9 @@ import numpy as np
 import tf_keras
 
 from xhrnet_tf.config import ConfigError, load_config
-from xhrnet_tf.layers import SUSA, NearestUpsample
+from xhrnet_tf.layers import SUSA
 from xhrnet_tf.model import build_pose_model
+from xhrnet_tf.shape_layers import NearestUpsample
 
 _FUSE_RELU = re.compile(r"_fuse(\d+)_relu$")
 _FUSE_FROM_Z0 = re.compile(r"_fuse([1-9]\d*)_0_")  # F_i0, i >= 1: run twice officially
