@@ -1,0 +1,69 @@
+"""int8_debug: finds the op whose int8 range drowns its values, and measures what it says."""
+import numpy as np
+import pytest
+import tf_keras
+
+from xhrnet_tf import export
+from xhrnet_tf.tflite_utils import to_tflite
+from xhrnet_tf.tools import int8_debug
+
+
+def _three_convs(outlier: float):
+    """conv a -> relu -> conv b -> conv c; b's channel 0 is `outlier` times its others and c
+    reads it `outlier` times weaker, so the float function does not depend on `outlier`."""
+    x = inp = tf_keras.Input((8, 8, 3))
+    x = tf_keras.layers.Conv2D(8, 1, activation="relu", name="a")(x)
+    x = tf_keras.layers.Conv2D(8, 1, name="b")(x)
+    x = tf_keras.layers.Conv2D(4, 1, name="c")(x)
+    model = tf_keras.Model(inp, x)
+    rng = np.random.default_rng(0)
+    for layer in model.layers[1:]:
+        kernel, bias = layer.get_weights()
+        layer.set_weights([rng.normal(size=kernel.shape).astype(np.float32), bias])
+    kb, bb = model.get_layer("b").get_weights()
+    kc, bc = model.get_layer("c").get_weights()
+    kb[..., 0] *= outlier
+    kc[:, :, 0, :] /= outlier
+    model.get_layer("b").set_weights([kb, bb])
+    model.get_layer("c").set_weights([kc, bc])
+    return model
+
+
+def _compare(model):
+    images = [np.random.default_rng(i).normal(size=(1, 8, 8, 3)).astype(np.float32)
+              for i in range(12)]
+    float_content = to_tflite(model)
+    int8_content = to_tflite(model, converter_hook=export.ptq_int8_hook(images[:8], "float"))
+    rows = int8_debug.compare_graphs(float_content, int8_content, images[8:])
+    return rows, float_content, int8_content, images[8:]
+
+
+def test_the_outlier_conv_adds_the_error_and_shows_few_levels():
+    rows, float_content, int8_content, check = _compare(_three_convs(outlier=1000.0))
+    by_layer = {r.name.split("/")[1]: r for r in rows[:-1]}
+    assert {"a", "b"} <= set(by_layer), [r.name for r in rows]
+    worst = max(rows, key=lambda r: r.added)
+    assert worst.name.split("/")[1] == "b"
+    assert by_layer["b"].levels < 4 < by_layer["a"].levels
+    # The last row is the model's output (matched by place: the two graphs name it apart).
+    ref = export.tflite_heatmaps(float_content, check)
+    out = export.tflite_heatmaps(int8_content, check)
+    norms = [np.linalg.norm(ref[..., k]) for k in range(ref.shape[-1])]
+    expected = np.mean([np.linalg.norm(out[..., k] - ref[..., k]) / max(n, 0.05 * np.median(norms))
+                        for k, n in enumerate(norms)])
+    assert rows[-1].error == pytest.approx(expected, rel=1e-4)
+    assert "| " + str(worst.op_index) + " |" in int8_debug.report(rows, top=3)
+
+
+def test_without_the_outlier_no_op_adds_much():
+    rows, *_ = _compare(_three_convs(outlier=1.0))
+    assert max(r.added for r in rows) < 0.05, [(r.name, r.added) for r in rows]
+    assert min(r.levels for r in rows) > 4
+
+
+def test_missing_weights_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "none.weights.h5"
+    assert int8_debug.main(["--config", "configs/quickstart.yaml",
+                            "--weights", str(missing)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(missing) in err
