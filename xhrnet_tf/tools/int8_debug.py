@@ -138,6 +138,10 @@ def ptq_pair(config, model, images: Sequence[np.ndarray], equalize: bool) -> Tup
                                                                                     "float"))
 
 
+def _levels(r: Row) -> str:
+    return "-" if r.levels == float("inf") else f"{r.levels:.1f}"  # a float output
+
+
 def report(rows: List[Row], top: int) -> str:
     lines = [f"{len(rows)} int8 tensors matched to float ones\n",
              f"The {top} ops that add the most error:\n",
@@ -145,12 +149,13 @@ def report(rows: List[Row], top: int) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -r.added)[:top]:
         lines.append(f"| {r.op_index} | {r.op} | {r.added:+.3f} | {r.error:.3f} | "
-                     f"{r.levels:.1f} | {r.peak:.4g} | {r.scale:.3g} | {r.name} |")
+                     f"{_levels(r)} | {r.peak:.4g} | {r.scale:.3g} | {r.name} |")
     lines += ["", "Accumulated error where the branches meet (fuse outputs) and at the end:\n",
               "| op # | error | levels | tensor |", "|---|---|---|---|"]
     for r in rows:
         if _FUSE_OUTPUT.search(r.name) or r is rows[-1]:
-            lines.append(f"| {r.op_index} | {r.error:.3f} | {r.levels:.1f} | {r.name} |")
+            name = r.name if r is not rows[-1] else f"{r.name} (the model's output)"
+            lines.append(f"| {r.op_index} | {r.error:.3f} | {_levels(r)} | {name} |")
     return "\n".join(lines)
 
 
