@@ -4,11 +4,12 @@
         --weights runs/quickstart/final.weights.h5 [--no_equalize] [--top 20]
 
 TFLite's own `tf.lite.experimental.QuantizationDebugger` stops on X-HRNet: its debug model,
-which runs float ops on the int8 ops' dequantised inputs, fails in a DIV (SUSA's reciprocal of
-the softmax sum is the graph's only one) with "div.cc: data[i] != 0 was not true". This tool converts the graph
-`export` converts (the int8 graph, paired shuffle units, with or without the channel-0
-equalisation) twice, in float and as full-integer PTQ calibrated on training crops, runs both
-on held-out crops with every tensor kept, and compares the tensors the two graphs name alike.
+which runs float ops on the int8 ops' dequantised inputs, fails in a DIV (SUSA's reciprocal
+of the softmax sum is the graph's only one): "div.cc: data[i] != 0 was not true". This tool
+converts the graph `export` converts for int8 (the int8 graph, paired shuffle units, with or
+without the channel-0 equalisation) twice, in float and as full-integer PTQ calibrated on
+training crops, runs both on held-out crops with every tensor kept, and compares the tensors
+the two graphs name alike.
 
 Printed per op (the int8 graph's execution order):
 - error: ||int8 - float|| / ||float|| of the op's output, dequantised, per channel and
@@ -17,7 +18,8 @@ Printed per op (the int8 graph's execution order):
 - levels: rms(float) / int8 scale for the median channel, how many int8 steps a typical
   value spans. Under ~4 the range is set by a few outliers (values or channels) and most
   values round to a handful of levels.
-Then the accumulated error at every stage's fuse outputs and at the heatmaps.
+Then the accumulated error at every fuse output and at the heatmaps, the figures that
+follow AP: a large "added" inside SUSA's gate need not cost any (tflite/README, session 19).
 """
 from __future__ import annotations
 
@@ -186,9 +188,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # ConfigError, WeightsError, ExportError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if len(crops) <= args.check_samples:
-        print(f"error: {len(crops)} training crops found; int8_debug needs more than "
-              f"--check_samples {args.check_samples}", file=sys.stderr)
+    if args.check_samples < 1 or len(crops) <= args.check_samples:
+        print(f"error: --check_samples {args.check_samples}: needs 1 to {len(crops) - 1} "
+              f"(found {len(crops)} training crops)", file=sys.stderr)
         return 1
     fit, check = crops[:-args.check_samples], crops[-args.check_samples:]
     float_content, int8_content = ptq_pair(cfg, model, fit, not args.no_equalize)
