@@ -16,9 +16,9 @@ import yaml
 
 from conftest import REPO, TINY_MODEL, run_train as _run
 from xhrnet_tf.config import Config, ModelConfig, config_from_dict, config_to_dict
-from xhrnet_tf.shape_layers import NearestUpsample
 from xhrnet_tf.recipe import WarmupStepDecay, joints_mse
 from xhrnet_tf.runtime import cpu_graph_options
+from xhrnet_tf.shape_layers import NearestUpsample
 
 
 
