@@ -56,12 +56,15 @@ def _run_keeping_tensors(content: bytes, images: Sequence[np.ndarray]):
                          experimental_op_resolver_type=_no_delegate_resolver())
     inp = interp.get_input_details()[0]
     details = interp.get_tensor_details()
+    ops = interp._get_ops_details()  # pylint: disable=protected-access
+    written = {t for op in ops for t in op["outputs"]}  # weights and constants stay out
     values: Dict[int, List[np.ndarray]] = {}
     for image in images:
         interp.set_tensor(inp["index"], quantize_input(image.reshape(inp["shape"]), inp))
         interp.invoke()
         for d in details:
-            if d["dtype"] not in (np.float32, np.int8, np.uint8) or not len(d["shape"]):
+            if (d["index"] not in written or d["dtype"] not in (np.float32, np.int8, np.uint8)
+                    or not len(d["shape"])):
                 continue
             try:
                 v = interp.get_tensor(d["index"]).astype(np.float32)
@@ -69,8 +72,7 @@ def _run_keeping_tensors(content: bytes, images: Sequence[np.ndarray]):
                 continue
             scale, zero = d["quantization"]
             values.setdefault(d["index"], []).append((v - zero) * scale if scale else v)
-    return ({i: np.stack(v) for i, v in values.items()}, details,
-            interp._get_ops_details(),  # pylint: disable=protected-access
+    return ({i: np.stack(v) for i, v in values.items()}, details, ops,
             [d["index"] for d in interp.get_output_details()])
 
 
