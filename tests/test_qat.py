@@ -10,8 +10,8 @@ import xhrnet_tf
 import xhrnet_tf.config
 from xhrnet_tf import qat
 from xhrnet_tf.layers import SUSA
-from xhrnet_tf.tflite_utils import (_no_delegate_resolver, float_kernels, gpu_compatibility,
-                                    graph_report, interpreter, to_tflite, xnnpack_report)
+from xhrnet_tf.tflite_utils import (float_kernels, gpu_compatibility, graph_report, interpreter,
+                                    no_delegate_resolver, to_tflite, xnnpack_report)
 
 from conftest import randomise_weights, run_train, tiny_config
 
@@ -227,7 +227,7 @@ def test_calibrated_ranges_replace_tfmots_initial_ones(calibrated):
 def _requantizations(content):
     """(producer, consumers) of every QUANTIZE that reads an int8 tensor: a rescaling the
     Keras graph does not have unless the two ranges around it are the same ones."""
-    interp = interpreter(content, experimental_op_resolver_type=_no_delegate_resolver())
+    interp = interpreter(content, experimental_op_resolver_type=no_delegate_resolver())
     dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
     ops = interp._get_ops_details()  # pylint: disable=protected-access
     producer = {int(t): op["op_name"] for op in ops for t in op["outputs"]}

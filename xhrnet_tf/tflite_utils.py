@@ -97,7 +97,7 @@ def dequantize_output(y: np.ndarray, detail: Dict) -> np.ndarray:
 def graph_report(model_content: bytes) -> Dict:
     """Op histogram and the properties delegates care about."""
     interp = interpreter(model_content,
-                         experimental_op_resolver_type=_no_delegate_resolver())
+                         experimental_op_resolver_type=no_delegate_resolver())
     ops = collections.Counter(d["op_name"] for d in interp._get_ops_details())  # pylint: disable=protected-access
     ranks = [len(t["shape"]) for t in interp.get_tensor_details()]
     return {
@@ -113,7 +113,7 @@ def graph_report(model_content: bytes) -> Dict:
 def float_kernels(model_content: bytes) -> List[str]:
     """Ops of a quantised model that read or write float32, except the QUANTIZE/DEQUANTIZE
     pairs at its ends: each is a float island (slower, and rejected by integer-only NPUs)."""
-    interp = interpreter(model_content, experimental_op_resolver_type=_no_delegate_resolver())
+    interp = interpreter(model_content, experimental_op_resolver_type=no_delegate_resolver())
     dtypes = {t["index"]: t["dtype"] for t in interp.get_tensor_details()}
     found = []
     for op in interp._get_ops_details():  # pylint: disable=protected-access
@@ -163,7 +163,10 @@ def gpu_compatibility(model_content: bytes) -> List[str]:
     return warnings
 
 
-def _no_delegate_resolver():
-    # Without delegates the op list shows the model's own ops, not XNNPACK partitions.
+def no_delegate_resolver():
+    """The op resolver that runs a model's own builtin kernels, with no default delegate.
+
+    Without delegates the op list and preserved tensors are the model's own ops, not
+    XNNPACK partitions."""
     from ai_edge_litert.interpreter import OpResolverType  # pylint: disable=import-outside-toplevel
     return OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES

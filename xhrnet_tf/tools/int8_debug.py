@@ -51,9 +51,9 @@ def _run_keeping_tensors(content: bytes, images: Sequence[np.ndarray]):
     """All tensors of `content` on `images` (dequantised), its tensor details, ops and
     output tensors."""
     # pylint: disable=import-outside-toplevel
-    from xhrnet_tf.tflite_utils import _no_delegate_resolver, interpreter, quantize_input
+    from xhrnet_tf.tflite_utils import interpreter, no_delegate_resolver, quantize_input
     interp = interpreter(content, experimental_preserve_all_tensors=True,
-                         experimental_op_resolver_type=_no_delegate_resolver())
+                         experimental_op_resolver_type=no_delegate_resolver())
     inp = interp.get_input_details()[0]
     details = interp.get_tensor_details()
     ops = interp._get_ops_details()  # pylint: disable=protected-access
