@@ -33,10 +33,10 @@ def exported(tmp_path_factory):
     model = xhrnet_tf.build_pose_model(cfg)
     randomise_weights(model, seed=0, scale=0.2)
     model.save_weights(str(root / "tiny.weights.h5"))
-    # Without the equalised int8 variant (a second int8 conversion): ptq_int8's choice
-    # between the two is tested on its own (test_ptq_keeps_the_variant_closer_to_float).
+    # One int8 variant (each is a conversion of its own): ptq_int8's choice between them is
+    # tested on its own (test_ptq_keeps_the_variant_closer_to_float).
     files = export.export(cfg, str(root / "tiny.weights.h5"), str(root / "out"),
-                          FLOAT_FORMATS, calibration_samples=16, equalize=False)
+                          FLOAT_FORMATS, calibration_samples=16, int8_variants=["plain"])
     return root, cfg, model, files
 
 
@@ -55,6 +55,7 @@ def test_files_sidecar_and_signatures(exported):
     meta = json.loads((out / "model.json").read_text())
     assert meta["input_size"] == {"height": 64, "width": 64}
     assert meta["keypoints"][5] == "left_shoulder" and [5, 6] in meta["flip_pairs"]
+    assert meta["int8"] == {"variant": "plain", "relative_heatmap_error_held_out": {}}
     loaded = tf.saved_model.load(str(out / "saved_model"))
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
     ref = model(x, training=False).numpy()
@@ -161,7 +162,7 @@ def test_int8_converts_the_paired_graph_with_one_scale_per_pair():
     randomise_weights(model, seed=4, scale=0.2)
     images = [np.random.default_rng(i).normal(size=(1, 64, 64, 3)).astype(np.float32)
               for i in range(4)]
-    content, _ = export.ptq_int8(cfg, model, images, equalize=False)
+    content, _ = export.ptq_int8(cfg, model, images, variants=["plain"])
     ops = graph_report(content)["ops"]
     deploy = export.int8_deploy_copy(cfg, model)
     pairs = sum(layer.name.endswith("_gather") for layer in deploy.layers)
@@ -221,6 +222,9 @@ def test_export_bad_input(exported, tmp_path, capsys):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32", "qat"])
     with pytest.raises(export.ExportError, match="does not fit a QAT run"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["qat"])
+    with pytest.raises(export.ExportError, match=r"--int8_variants \['equalized'\]: choose"):
+        export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["int8"],
+                      int8_variants=["equalized"])
     with pytest.raises(export.ExportError, match="int8 needs calibration data"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["int8"],
                       tfrecords=str(tmp_path / "nothing-*.tfrecord"))
@@ -323,20 +327,22 @@ def test_bench_weights_keep_every_op_a_trained_model_has():
 
 
 def test_ptq_keeps_the_variant_closer_to_float(exported):
-    """int8 PTQ converts with and without the channel-0 equalisation and keeps the one whose
-    heatmaps are closer to float on crops left out of the calibration."""
+    """int8 export converts three ways (the converter's PTQ with and without the channel-0
+    equalisation, QAT's graph calibrated) and keeps the one whose heatmaps are closer to
+    float on crops left out of the calibration."""
     _, cfg, model, _ = exported
     shape = (1,) + tuple(model.input_shape[1:])
     images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(10)]
     content, errors = export.ptq_int8(cfg, model, images)
-    assert set(errors) == {"equalised", "not equalised"}
+    assert set(errors) == {"plain", "equalised", "qat_graph"}
+    assert len(set(errors.values())) == 3  # three different int8 models
     held = images[8:]  # the last fifth is held out
     ref = model(np.concatenate(held), training=False).numpy()
     kept = np.sum((export.tflite_heatmaps(content, held) - ref) ** 2) / np.sum(ref ** 2)
     assert kept == pytest.approx(min(errors.values()), rel=1e-6)
     # Integer I/O: the same int8 network, fed and read through its quantisation parameters.
-    plain, none = export.ptq_int8(cfg, model, images, equalize=False)
-    plain_io, _ = export.ptq_int8(cfg, model, images, "int8", equalize=False)
+    plain, none = export.ptq_int8(cfg, model, images, variants=["plain"])
+    plain_io, _ = export.ptq_int8(cfg, model, images, "int8", variants=["plain"])
     assert none == {}
     a, b = export.tflite_heatmaps(plain, held), export.tflite_heatmaps(plain_io, held)
     np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())

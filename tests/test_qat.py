@@ -8,7 +8,7 @@ import yaml
 
 import xhrnet_tf
 import xhrnet_tf.config
-from xhrnet_tf import qat
+from xhrnet_tf import calibration, qat
 from xhrnet_tf.layers import SUSA
 from xhrnet_tf.tflite_utils import (float_kernels, gpu_compatibility, graph_report, interpreter,
                                     no_delegate_resolver, to_tflite, xnnpack_report)
@@ -195,7 +195,7 @@ def _calibrated_tiny_model(unit="sx"):
 
     before = _relative_rms(q(x, training=False).numpy(), reference)
     kept = [v.numpy() for v in q.variables if "_min" not in v.name and "_max" not in v.name]
-    count = qat.calibrate_ranges(q, [x[:4], x[4:]])
+    count = calibration.calibrate_ranges(q, [x[:4], x[4:]])
     return reference, q, before, kept, count, x
 
 
@@ -212,7 +212,7 @@ def test_calibrated_ranges_replace_tfmots_initial_ones(calibrated):
     """tfmot starts every range at [-6, 6] and moves it by 0.1% a step; calibration sets
     the data's ranges before fine-tuning, and the fake-quantised model then tracks float."""
     reference, q, before, kept, count, x = calibrated
-    moving, all_values = qat._range_variables(q)  # pylint: disable=protected-access
+    moving, all_values = calibration._range_variables(q)  # pylint: disable=protected-access
     assert count == len(moving) + len(all_values) > 100 and len(all_values) == 2
     values = {v.name.split(":")[0].rsplit("_", 1)[-1]: float(v.numpy()) for v in all_values}
     assert values == {"min": min(float(x.min()), 0.0), "max": max(float(x.max()), 0.0)}
@@ -324,8 +324,8 @@ def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     # The control is the same weights here, so it must score exactly as the float model.
     res = int8_accuracy.compare(cfg, str(tmp_path / "f.weights.h5"), calibration_samples=8,
                                 control_weights=str(tmp_path / "f.weights.h5"))
-    assert set(res) == {"float (Keras)", "int8 PTQ, not equalised (.tflite)",
-                        "int8 PTQ, equalised (.tflite)", int8_accuracy.CONTROL}
+    assert set(res) == {"float (Keras)", int8_accuracy.CONTROL,
+                        *int8_accuracy.PTQ_LABELS.values()}
     assert res["float (Keras)"]["mean_dist_hm_px"] == 0.0
     assert res[int8_accuracy.CONTROL]["mean_dist_hm_px"] == 0.0
     assert res[int8_accuracy.CONTROL]["AP"] == res["float (Keras)"]["AP"]

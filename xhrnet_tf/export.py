@@ -7,9 +7,12 @@
   heatmaps, keypoints in input pixels, scores); `tflite_convert --saved_model_dir` works on it.
 * `model_<format>.tflite`: fp32; fp16 weights; dynamic-range int8 weights; full-integer int8
   (post-training quantisation calibrated on person crops from `--tfrecords`, or from the
-  synthetic data set when none are given), with float, int8 or uint8 input/output. Before
-  int8 calibration the weights are equalised (`xhrnet_tf.equalize`, same function) so that
-  the one channel per branch that no unit ever rescales does not eat the int8 range.
+  synthetic data set when none are given), with float, int8 or uint8 input/output. Three
+  conversions are tried and the one closest to float on held-out crops is kept
+  (`--int8_variants`, `ptq_int8`; model.json says which): the converter's PTQ, the same after
+  the channel-0 equalisation (`xhrnet_tf.equalize`, same function: the one channel per branch
+  that no unit ever rescales no longer eats the int8 range), and QAT's graph with its ranges
+  and BatchNorm statistics calibrated with fake quantisation in the loop, no training.
 * `model_qat_int8.tflite` (`--formats qat`, weights of a `train.qat: true` run): full-integer
   int8 with every range learned in quantization-aware training, no calibration.
 * `model.json`: input size and normalisation, keypoint names, flip pairs, skeleton, files.
@@ -21,7 +24,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -177,46 +180,79 @@ def tflite_heatmaps(content: bytes, images: List[np.ndarray]) -> np.ndarray:
     return np.concatenate(results)
 
 
-def ptq_variants(config: Config, model, images: List[np.ndarray], io_type: str = "float",
-                 equalize: bool = True) -> Dict[str, bytes]:
-    """Full-integer PTQ of the int8 graph calibrated on `images`: {"not equalised": tflite,
-    "equalised": tflite (if `equalize`)}."""
+PTQ_VARIANTS = ("plain", "equalised", "qat_graph")
+
+
+def calibrated_qat_graph(equalised, images: List[np.ndarray], io_type: str = "float",
+                         batch_size: int = 32) -> bytes:
+    """Full-integer int8 with no training: QAT's graph of the (equalised) model, its int8
+    ranges and BatchNorm statistics calibrated with fake quantisation in the loop
+    (`calibration.calibrate_ranges(batch_norm=True)`), converted as a QAT model is.
+
+    On session 19's quickstart model it scores AP 0.46 against the converter's PTQ 0.33
+    (float 0.50), almost all of it from the BatchNorm re-estimation (tflite/README.md). It
+    runs the unpaired int8 graph, about 6% slower than the paired one PTQ converts."""
+    from xhrnet_tf import calibration, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    qmodel, _ = qat.quantize_model(equalised)
+    # Whole batches only: BatchNorm statistics of a few crops are noise.
+    end = len(images) // batch_size * batch_size or len(images)
+    batches = [np.concatenate(images[i:i + batch_size]) for i in range(0, end, batch_size)]
+    calibration.calibrate_ranges(qmodel, batches, batch_norm=True)
+    return to_tflite(qmodel, converter_hook=qat.int8_hook(io_type))
+
+
+def ptq_variants(config: Config, model, images: List[np.ndarray], io_type: str = "float",
+                 variants: Sequence[str] = PTQ_VARIANTS) -> Dict[str, bytes]:
+    """Full-integer int8 of `model` calibrated on `images`, {variant: tflite}: "plain" and
+    "equalised" are the converter's PTQ of the (paired) int8 graph, without and with the
+    channel-0 equalisation; "qat_graph" is `calibrated_qat_graph` of the equalised model."""
+    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    unknown = sorted(set(variants) - set(PTQ_VARIANTS))
+    if unknown or not variants:
+        raise ExportError(f"int8 variants {unknown or '(none)'}: choose from "
+                          f"{list(PTQ_VARIANTS)}")
     hook = ptq_int8_hook(images, io_type)
-    variants = {"not equalised": to_tflite(int8_deploy_copy(config, model),
-                                           converter_hook=hook)}
-    if equalize:
+    out = {}
+    if "plain" in variants:
+        out["plain"] = to_tflite(int8_deploy_copy(config, model), converter_hook=hook)
+    if {"equalised", "qat_graph"} & set(variants):
         from xhrnet_tf.equalize import summary  # pylint: disable=import-outside-toplevel
         equalised, scales = equalized_copy(config, model, images)
         print("int8: " + summary(scales))
-        variants["equalised"] = to_tflite(int8_deploy_copy(config, equalised),
-                                          converter_hook=hook)
-    return variants
+        if "equalised" in variants:
+            out["equalised"] = to_tflite(int8_deploy_copy(config, equalised),
+                                         converter_hook=hook)
+        if "qat_graph" in variants:
+            out["qat_graph"] = calibrated_qat_graph(equalised, images, io_type)
+    return out
 
 
 def ptq_int8(config: Config, model, images: List[np.ndarray], io_type: str = "float",
-             equalize: bool = True) -> Tuple[bytes, Dict[str, float]]:
-    """Full-integer PTQ, with and without the channel-0 equalisation, keeping the one whose
+             variants: Sequence[str] = PTQ_VARIANTS) -> Tuple[bytes, Dict[str, float]]:
+    """Full-integer int8 in each of `variants` (`ptq_variants`), keeping the one whose
     heatmaps are closer to float on held-out crops.
 
-    Equalisation brings int8 back from collapse on some models (AP 0.02 -> 0.12) and causes it
-    on others (0.35 -> 0.09 on session 7's quickstart model), so neither is a safe default.
-    The relative heatmap error, ||int8 - float||^2 / ||float||^2 on crops left out of the
-    calibration, picked the better one where they differed by several points of AP (the mean
-    keypoint distance over all joints did not). Returns the .tflite and the errors by variant.
+    Which one is best depends on the model: equalisation brings the converter's PTQ back
+    from collapse on some models (AP 0.02 -> 0.12) and causes it on others (0.35 -> 0.09 on
+    session 7's quickstart model). The relative heatmap error, ||int8 - float||^2 /
+    ||float||^2 on crops left out of the calibration, picked the better one where they
+    differed by several points of AP (the mean keypoint distance over all joints did not).
+    Returns the .tflite and the errors by variant ({} for a single variant).
     """
-    held = max(1, len(images) // 5) if equalize and len(images) > 1 else 0
+    several = len(variants) > 1 and len(images) > 1
+    held = max(1, len(images) // 5) if several else 0
     fit, check = images[:len(images) - held], images[len(images) - held:]
-    variants = ptq_variants(config, model, fit, io_type, equalize)
-    if not equalize:
-        return variants["not equalised"], {}
+    converted = ptq_variants(config, model, fit, io_type, variants)
+    if not several:
+        return next(iter(converted.values())), {}
     ref = model(np.concatenate(check), training=False).numpy()
     errors = {name: float(np.sum((tflite_heatmaps(c, check) - ref) ** 2) / np.sum(ref ** 2))
-              for name, c in variants.items()}
+              for name, c in converted.items()}
     best = min(errors, key=errors.get)
     print(f"int8: relative heatmap error on {len(check)} held-out crops: " +
           ", ".join(f"{k} {v:.4f}" for k, v in errors.items()) + f"; keeping {best}")
-    return variants[best], errors
+    return converted[best], errors
 
 
 def format_hook(fmt: str):
@@ -228,8 +264,9 @@ def format_hook(fmt: str):
     return None if fmt == "fp32" else hook
 
 
-def sidecar(config: Config, files: dict) -> dict:
+def sidecar(config: Config, files: dict, int8: Optional[dict] = None) -> dict:
     h, w = config.model.input_size
+    extra = {"int8": int8} if int8 else {}
     return {
         "model": "X-HRNet", "unit": config.model.unit, "input_size": {"height": h, "width": w},
         "input": "RGB float32, (pixel / 255 - mean) / std (unless an int8/uint8 input says "
@@ -240,13 +277,14 @@ def sidecar(config: Config, files: dict) -> dict:
         "flip_pairs": [list(p) for p in codec.COCO_FLIP_PAIRS],
         "skeleton": [list(p) for p in codec.COCO_SKELETON],
         "box": {"aspect_ratio": w / h, "padding": 1.25, "pixel_std": codec.PIXEL_STD},
-        "files": files,
+        "files": files, **extra,
     }
 
 
 def export(config: Config, weights: str, output_dir: str, formats: List[str],
            tfrecords: Optional[str] = None, int8_io: str = "float",
-           calibration_samples: int = 200, equalize: bool = True) -> dict:
+           calibration_samples: int = 200,
+           int8_variants: Sequence[str] = PTQ_VARIANTS) -> dict:
     from xhrnet_tf.model import (  # pylint: disable=import-outside-toplevel
         WeightsError, build_pose_model, load_weights, paired_copy)
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
@@ -258,6 +296,9 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
                           "the other formats float weights; export them separately")
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
+    bad = sorted(set(int8_variants) - set(PTQ_VARIANTS))
+    if bad or not int8_variants:
+        raise ExportError(f"--int8_variants {bad or '(none)'}: choose from {list(PTQ_VARIANTS)}")
     if "int8" in formats and tfrecords:
         _calibration_files(tfrecords)  # fails before the model is built, not after
     model = build_pose_model(config, int8_graph="qat" in formats)
@@ -278,20 +319,22 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     # graph is the one it trained: its fake-quant ranges belong to the plain graph.
     deploy = model if "qat" in formats else paired_copy(config, model)
     save_saved_model(deploy, os.path.join(output_dir, "saved_model"))
+    int8_info = None
     for fmt in formats:
         if fmt == "int8":
-            content, _ = ptq_int8(config, model, calib, int8_io, equalize)
+            content, errors = ptq_int8(config, model, calib, int8_io, int8_variants)
+            int8_info = {"variant": min(errors, key=errors.get) if errors else
+                         int8_variants[0], "relative_heatmap_error_held_out": errors}
         elif fmt == "qat":
             from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
             content = to_tflite(model, converter_hook=int8_hook(int8_io))
         else:
             content = to_tflite(deploy, converter_hook=format_hook(fmt))
-        name = f"model_{fmt}.tflite" if fmt != "qat" else "model_qat_int8.tflite"
-        with open(os.path.join(output_dir, name), "wb") as f:
+        files[fmt] = f"model_{fmt}.tflite" if fmt != "qat" else "model_qat_int8.tflite"
+        with open(os.path.join(output_dir, files[fmt]), "wb") as f:
             f.write(content)
-        files[fmt] = name
     with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
-        json.dump(sidecar(config, files), f, indent=1)
+        json.dump(sidecar(config, files, int8_info), f, indent=1)
     return files
 
 
@@ -305,9 +348,11 @@ def main(argv=None) -> int:
     p.add_argument("--tfrecords", help="glob of person-crop TFRecords for int8 calibration")
     p.add_argument("--int8_io", default="float", choices=["float", "int8", "uint8"])
     p.add_argument("--calibration_samples", type=int, default=200)
-    p.add_argument("--no_equalize", action="store_true",
-                   help="int8: do not try the channel-0 equalisation (by default both are "
-                        "converted and the one closer to float is kept)")
+    p.add_argument("--int8_variants", default=",".join(PTQ_VARIANTS),
+                   help="int8 conversions to try, keeping the one closest to float on "
+                        "held-out crops: plain (the converter's PTQ), equalised (the same "
+                        "after the channel-0 equalisation), qat_graph (QAT's graph with "
+                        "ranges and BatchNorm calibrated, no training; the slowest to build)")
     args = p.parse_args(argv)
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     try:
@@ -315,7 +360,7 @@ def main(argv=None) -> int:
         files = export(cfg, args.weights, args.output_dir,
                        [f.strip() for f in args.formats.split(",") if f.strip()],
                        args.tfrecords, args.int8_io, args.calibration_samples,
-                       equalize=not args.no_equalize)
+                       [v.strip() for v in args.int8_variants.split(",") if v.strip()])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

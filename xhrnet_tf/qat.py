@@ -21,12 +21,12 @@ quantize configs here:
   quantiser is needed and none is added.
 
 `print_report` says which layers got which treatment, so nothing stays float unannounced.
-`calibrate_ranges` sets every range from training batches before fine-tuning starts.
+`xhrnet_tf.calibration.calibrate_ranges` sets every range from training batches before
+fine-tuning starts.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 from typing import Dict, List, Tuple
 
@@ -322,70 +322,3 @@ def equalize_for_int8(model, cfg) -> Dict[str, float]:
     scales, _ = equalize.equalize(model, cfg.model, images)
     print("QAT: " + equalize.summary(scales))
     return scales
-
-
-def _range_variables(model):
-    """(moving-average ranges, all-values ranges): every quantiser's min/max variable.
-
-    tfmot creates them at [-6, 6]. Its moving averages decay by 0.999 per step, so after a
-    380-step fine-tune 68% of the initial range is still in them, and the input's all-values
-    range (min/max ever seen) never shrinks below +-6 at all (known: tensorflow/
-    model-optimization#368). `calibrate_ranges` replaces them with the data's ranges.
-    """
-    from tensorflow_model_optimization.python.core.quantization.keras.quantize_layer import QuantizeLayer  # pylint: disable=import-outside-toplevel
-    all_values = {id(v) for layer in model.layers
-                  if isinstance(layer, QuantizeLayer) for v in layer.weights}
-    ranges = [v for v in model.variables
-              if not v.trainable and v.name.split(":")[0].endswith(("_min", "_max"))]
-    return ([v for v in ranges if id(v) not in all_values],
-            [v for v in ranges if id(v) in all_values])
-
-
-@contextlib.contextmanager
-def _ema_decay(decay: float):
-    """tfmot's MovingAverageQuantizer hard-codes ema_decay=0.999; decay 0 makes one training
-    step store exactly that batch's range."""
-    from tensorflow_model_optimization.python.core.quantization.keras import quant_ops  # pylint: disable=import-outside-toplevel
-    original = quant_ops.MovingAvgQuantize
-    quant_ops.MovingAvgQuantize = functools.partial(_with_decay, original, decay)
-    try:
-        yield
-    finally:
-        quant_ops.MovingAvgQuantize = original
-
-
-def _with_decay(original, decay, *args, **kwargs):
-    return original(*args, **dict(kwargs, ema_decay=decay))
-
-
-def calibrate_ranges(model, batches, strategy=None) -> int:
-    """Sets every int8 range of a fresh QAT model to what QAT's moving averages converge
-    to on these batches (the mean of the per-batch ranges; the input quantiser's all-values
-    range to the extremes), before fine-tuning starts. The forward passes run in training
-    mode, as QAT does; BatchNorm statistics and every other variable are put back after.
-    Returns the number of ranges set."""
-    strategy = strategy or tf.distribute.get_strategy()
-    moving, all_values = _range_variables(model)
-    ranges = moving + all_values
-    is_range = {id(v) for v in ranges}
-    saved = [(v, v.numpy()) for v in model.variables if id(v) not in is_range]
-    seen = [[] for _ in ranges]
-    with _ema_decay(0.0):
-        step = tf.function(lambda x: strategy.run(lambda y: model(y, training=True),
-                                                  args=(x,)))
-        for batch in batches:
-            for v in ranges:
-                v.assign(tf.zeros_like(v))
-            step(tf.convert_to_tensor(batch))
-            for values, v in zip(seen, ranges):
-                values.append(v.numpy())
-    for i, v in enumerate(ranges):
-        values = np.stack(seen[i])
-        if i < len(moving):
-            v.assign(values.mean(axis=0))
-        else:
-            v.assign(values.min(axis=0) if v.name.split(":")[0].endswith("_min")
-                     else values.max(axis=0))
-    for v, value in saved:
-        v.assign(value)
-    return len(ranges)

@@ -106,12 +106,12 @@ QAT_CALIBRATION_BATCHES = 8
 
 def _calibrate_qat_ranges(cfg: Config, model, strategy, files) -> None:
     """A fresh QAT run starts from the int8 ranges of augmented training batches, not
-    tfmot's [-6, 6] (qat.calibrate_ranges); a resumed one has them in its checkpoint."""
-    from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+    tfmot's [-6, 6] (calibration.calibrate_ranges); a resumed one has them in its checkpoint."""
+    from xhrnet_tf import calibration  # pylint: disable=import-outside-toplevel
     per_replica = max(1, cfg.train.global_batch_size // strategy.num_replicas_in_sync)
     ds = pipeline.build_dataset(cfg, training=True, files=files, batch_size=per_replica)
     batches = [images.numpy() for images, _ in ds.take(QAT_CALIBRATION_BATCHES)]
-    count = qat.calibrate_ranges(model, batches, strategy)
+    count = calibration.calibrate_ranges(model, batches, strategy)
     print(f"QAT: {count} int8 ranges set from {len(batches)} training batches "
           f"({len(batches) * per_replica} crops) before fine-tuning")
 

@@ -118,6 +118,7 @@ def convert(model, fmt: str, config=None, graphs: Optional[Dict] = None) -> byte
     depthwise conv), ranges calibrated on the same random images as PTQ's. `graphs` keeps the
     deploy copies of this model between calls (each is a full rebuild of the network)."""
     from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.calibration import calibrate_ranges  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.export import (format_hook, int8_deploy_copy, int8_graph_copy,  # pylint: disable=import-outside-toplevel
                                   ptq_int8_hook)
     from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
@@ -137,7 +138,7 @@ def convert(model, fmt: str, config=None, graphs: Optional[Dict] = None) -> byte
         images = [rng.normal(size=shape).astype(np.float32) for _ in range(8)]
         if fmt == "qat":
             qmodel, _ = qat.quantize_model(deploy("int8_graph", int8_graph_copy))
-            qat.calibrate_ranges(qmodel, images)
+            calibrate_ranges(qmodel, images)
             return to_tflite(qmodel, converter_hook=qat.int8_hook())
         return to_tflite(deploy("int8_deploy", int8_deploy_copy),
                          converter_hook=ptq_int8_hook(images, "float"))

@@ -6,6 +6,7 @@
         [--control_weights runs/quickstart_float_ft/final.weights.h5]
         [--annotations person_keypoints_val2017.json --images DIR]   # else the config's val set
 
+The int8 variants are those `export --formats int8` chooses from (`export.ptq_variants`).
 Every variant sees the same evaluation crops (ground-truth boxes) with the config's flip test
 and decoding. Printed per variant: COCO keypoint AP (pycocotools) and the mean distance, in
 heatmap pixels, of its keypoints from the float model's. PTQ is calibrated on the config's
@@ -25,6 +26,8 @@ import numpy as np
 
 
 QAT, CONTROL = "int8 QAT (.tflite)", "float control: QAT's schedule in float (Keras)"
+PTQ_LABELS = {"plain": "int8 PTQ (.tflite)", "equalised": "int8 PTQ, equalised (.tflite)",
+              "qat_graph": "int8 QAT graph, calibrated, no training (.tflite)"}
 
 
 def _keras_predict(model) -> Callable[[np.ndarray], np.ndarray]:
@@ -65,7 +68,7 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     calib = export.training_calibration_images(cfg, calibration_samples)
     variants = {"float (Keras)": _keras_predict(model)}
     for name, content in export.ptq_variants(cfg, model, calib).items():
-        variants[f"int8 PTQ, {name} (.tflite)"] = _tflite_predict(content)
+        variants[PTQ_LABELS[name]] = _tflite_predict(content)
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)
         load_weights(control, control_weights,
