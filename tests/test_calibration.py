@@ -22,33 +22,32 @@ def _relative_rms(a, b):
 @pytest.fixture(scope="module")
 def fresh_qat():
     """A QAT model whose BatchNorm statistics are random, as after quantisation shifted
-    what each BN sees; and a factory for copies of it in that state."""
+    what each BN sees. Every calibration sets all of its ranges and statistics anew."""
     cfg = dataclasses.replace(Config(), model=tiny_config())
     model = xhrnet_tf.build_pose_model(cfg, int8_graph=True)
     randomise_weights(model, seed=5, scale=0.2)
+    q, _ = qat.quantize_model(model)
+    return q
 
-    def make():
-        q, _ = qat.quantize_model(model)
-        return q
-    return make
+
+def _batch_norms(q):
+    return calibration._batch_norms(q)  # pylint: disable=protected-access
 
 
 def _bn_stats(q):
-    return [v.numpy() for bn in calibration._batch_norms(q)  # pylint: disable=protected-access
-            for v in (bn.moving_mean, bn.moving_variance)]
+    return [v.numpy() for bn in _batch_norms(q) for v in (bn.moving_mean, bn.moving_variance)]
 
 
 def test_batch_norm_reestimation_makes_inference_compute_what_the_batch_saw(fresh_qat):
-    x = _images(8, seed=1)
+    q, x = fresh_qat, _images(8, seed=1)
+    weights = [v.numpy() for v in q.trainable_variables]
+    momenta = [bn.momentum for bn in _batch_norms(q)]
     outputs = {}
     for batch_norm in (False, True):
-        q = fresh_qat()
-        weights = [v.numpy() for v in q.trainable_variables]
-        momenta = [bn.momentum for bn in calibration._batch_norms(q)]  # pylint: disable=protected-access
         count = calibration.calibrate_ranges(q, [x], batch_norm=batch_norm)
         assert count > 100
         assert all(np.array_equal(a, v.numpy()) for a, v in zip(weights, q.trainable_variables))
-        assert momenta == [bn.momentum for bn in calibration._batch_norms(q)]  # pylint: disable=protected-access
+        assert momenta == [bn.momentum for bn in _batch_norms(q)]
         inference = q(x, training=False).numpy()
         outputs[batch_norm] = _relative_rms(inference, q(x, training=True).numpy())
     # Calibrated on this one batch, the re-estimated model in inference mode computes what
@@ -58,14 +57,15 @@ def test_batch_norm_reestimation_makes_inference_compute_what_the_batch_saw(fres
     assert outputs[True] < 0.25 < 1.0 < outputs[False], outputs
 
 
+@pytest.mark.slow  # three calibrations (41 s) to pin the averaging exactly
 def test_batch_norm_statistics_are_the_mean_over_batches(fresh_qat):
+    q = fresh_qat
     a, b = _images(4, seed=2), _images(4, seed=3) * 2.0 + 0.5
     stats = {}
     for name, batches in (("a", [a]), ("b", [b]), ("both", [a, b])):
-        q = fresh_qat()
         calibration.calibrate_ranges(q, batches, batch_norm=True)
         stats[name] = _bn_stats(q)
-    assert len(stats["both"]) == 2 * len(calibration._batch_norms(fresh_qat())) > 20  # pylint: disable=protected-access
+    assert len(stats["both"]) == 2 * len(_batch_norms(q)) > 20
     assert not np.allclose(stats["a"][0], stats["b"][0])
     for sa, sb, both in zip(stats["a"], stats["b"], stats["both"]):
         np.testing.assert_allclose(both, (sa + sb) / 2, rtol=1e-4, atol=1e-5)

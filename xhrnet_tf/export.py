@@ -190,8 +190,9 @@ def calibrated_qat_graph(equalised, images: List[np.ndarray], io_type: str = "fl
     (`calibration.calibrate_ranges(batch_norm=True)`), converted as a QAT model is.
 
     On session 19's quickstart model it scores AP 0.46 against the converter's PTQ 0.33
-    (float 0.50), almost all of it from the BatchNorm re-estimation (tflite/README.md). It
-    runs the unpaired int8 graph, about 6% slower than the paired one PTQ converts."""
+    (float 0.50), half of the gain from the BatchNorm re-estimation (tflite/README.md).
+    It runs QAT's graph, x18 1.34x slower than the one PTQ converts on an x86 CPU: SUSA's
+    query stays a depthwise conv (MUL + SUM would round the full-size product to int8)."""
     from xhrnet_tf import calibration, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     qmodel, _ = qat.quantize_model(equalised)
