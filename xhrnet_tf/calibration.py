@@ -95,13 +95,15 @@ def calibrate_ranges(model, batches, strategy=None, batch_norm: bool = False) ->
             step(tf.convert_to_tensor(batch))
             for values, v in zip(seen, observed):
                 values.append(v.numpy())
-    for i, v in enumerate(observed):
-        values = np.stack(seen[i])
-        if not len(moving) <= i < len(moving) + len(all_values):
+    extremes = {id(v) for v in all_values}
+    for v, values in zip(observed, seen):
+        values = np.stack(values)
+        if id(v) not in extremes:
             v.assign(values.mean(axis=0))
+        elif v.name.split(":")[0].endswith("_min"):
+            v.assign(values.min(axis=0))
         else:
-            v.assign(values.min(axis=0) if v.name.split(":")[0].endswith("_min")
-                     else values.max(axis=0))
+            v.assign(values.max(axis=0))
     for v, value in saved:
         v.assign(value)
     return len(moving) + len(all_values)
