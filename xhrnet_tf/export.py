@@ -183,6 +183,13 @@ def tflite_heatmaps(content: bytes, images: List[np.ndarray]) -> np.ndarray:
 PTQ_VARIANTS = ("plain", "equalised", "qat_graph")
 
 
+def check_int8_variants(variants: Sequence[str]) -> None:
+    unknown = sorted(set(variants) - set(PTQ_VARIANTS))
+    if unknown or not variants:
+        raise ExportError(f"--int8_variants {unknown or '(none)'}: choose from "
+                          f"{list(PTQ_VARIANTS)}")
+
+
 def calibrated_qat_graph(equalised, images: List[np.ndarray], io_type: str = "float",
                          batch_size: int = 32) -> bytes:
     """Full-integer int8 with no training: QAT's graph of the (equalised) model, its int8
@@ -209,10 +216,7 @@ def ptq_variants(config: Config, model, images: List[np.ndarray], io_type: str =
     "equalised" are the converter's PTQ of the (paired) int8 graph, without and with the
     channel-0 equalisation; "qat_graph" is `calibrated_qat_graph` of the equalised model."""
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
-    unknown = sorted(set(variants) - set(PTQ_VARIANTS))
-    if unknown or not variants:
-        raise ExportError(f"int8 variants {unknown or '(none)'}: choose from "
-                          f"{list(PTQ_VARIANTS)}")
+    check_int8_variants(variants)
     hook = ptq_int8_hook(images, io_type)
     out = {}
     if "plain" in variants:
@@ -297,9 +301,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
                           "the other formats float weights; export them separately")
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
-    bad = sorted(set(int8_variants) - set(PTQ_VARIANTS))
-    if bad or not int8_variants:
-        raise ExportError(f"--int8_variants {bad or '(none)'}: choose from {list(PTQ_VARIANTS)}")
+    check_int8_variants(int8_variants)
     if "int8" in formats and tfrecords:
         _calibration_files(tfrecords)  # fails before the model is built, not after
     model = build_pose_model(config, int8_graph="qat" in formats)
