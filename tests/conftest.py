@@ -90,3 +90,17 @@ def run_train(config, model_dir, *extra, env=None, wait=True):
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+# Module-scoped fixtures that take half a minute to build (a QAT model, an export). Under
+# xdist each worker that runs one of their tests builds its own copy; grouping their tests
+# (pytest.ini: --dist loadgroup) builds each once.
+SHARED_FIXTURES = ("exported", "quantized", "calibrated", "fresh_qat", "tiny_model", "tiny")
+
+
+@pytest.hookimpl(tryfirst=True)  # xdist reads the groups in its own hook of this name
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))

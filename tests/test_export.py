@@ -329,20 +329,22 @@ def test_bench_weights_keep_every_op_a_trained_model_has():
 def test_ptq_keeps_the_variant_closer_to_float(exported):
     """int8 export converts three ways (the converter's PTQ with and without the channel-0
     equalisation, QAT's graph calibrated) and keeps the one whose heatmaps are closer to
-    float on crops left out of the calibration."""
+    float on crops left out of the calibration; with integer I/O too."""
     _, cfg, model, _ = exported
     shape = (1,) + tuple(model.input_shape[1:])
     images = [np.random.default_rng(i).normal(size=shape).astype(np.float32) for i in range(10)]
-    content, errors = export.ptq_int8(cfg, model, images)
+    content, errors = export.ptq_int8(cfg, model, images, "int8")
     assert set(errors) == {"plain", "equalised", "qat_graph"}
     assert len(set(errors.values())) == 3  # three different int8 models
     held = images[8:]  # the last fifth is held out
     ref = model(np.concatenate(held), training=False).numpy()
-    kept = np.sum((export.tflite_heatmaps(content, held) - ref) ** 2) / np.sum(ref ** 2)
-    assert kept == pytest.approx(min(errors.values()), rel=1e-6)
-    # Integer I/O: the same int8 network, fed and read through its quantisation parameters.
+
+    def error(tflite):
+        return np.sum((export.tflite_heatmaps(tflite, held) - ref) ** 2) / np.sum(ref ** 2)
+    assert error(content) == pytest.approx(min(errors.values()), rel=1e-6)
+    # Integer I/O is the same int8 network, fed and read through its quantisation
+    # parameters: with float I/O the plain variant lands on the same error, but for the
+    # input's rounding (0.00097 against 0.00101 here; a wrong scale would be of order 1).
     plain, none = export.ptq_int8(cfg, model, images, variants=["plain"])
-    plain_io, _ = export.ptq_int8(cfg, model, images, "int8", variants=["plain"])
     assert none == {}
-    a, b = export.tflite_heatmaps(plain, held), export.tflite_heatmaps(plain_io, held)
-    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
+    assert error(plain) == pytest.approx(errors["plain"], rel=0.1)
