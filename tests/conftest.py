@@ -92,10 +92,11 @@ def run_train(config, model_dir, *extra, env=None, wait=True):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-# Module-scoped fixtures that take half a minute to build (a QAT model, an export). Under
-# xdist each worker that runs one of their tests builds its own copy; grouping their tests
-# (pytest.ini: --dist loadgroup) builds each once.
-SHARED_FIXTURES = ("exported", "quantized", "calibrated", "fresh_qat", "tiny_model", "tiny")
+# Module-scoped fixtures that take half a minute to build (a QAT model, an export, a short
+# run). Under xdist each worker that runs one of their tests builds its own copy; grouping
+# their tests (pytest.ini: --dist loadgroup) builds each once.
+SHARED_FIXTURES = ("exported", "quantized", "calibrated", "fresh_qat", "tiny_model", "tiny",
+                   "five_steps")
 
 
 @pytest.hookimpl(tryfirst=True)  # xdist reads the groups in its own hook of this name

@@ -14,11 +14,13 @@ from xhrnet_tf.convert import load_official_weights, read_checkpoint
 from xhrnet_tf.tools.complexity import complexity
 
 REF = ("refs", "sxhrnet_18_coco_256x192")
+# One xdist worker runs both x30 tests, so the (cached) 12 s build happens once.
+X30_GROUP = pytest.mark.xdist_group("x30")
 
 
 @pytest.mark.parametrize("name,params,backbone", [
     ("x18.yaml", 1_342_049, 1_341_352),
-    ("x30.yaml", 2_117_657, 2_116_960),
+    pytest.param("x30.yaml", 2_117_657, 2_116_960, marks=X30_GROUP),
     pytest.param("px30.yaml", 1_781_369, 1_780_672, marks=pytest.mark.slow),  # 36 s build
     ("x18_dwonly.yaml", 885_985, 885_288),  # the latency ablation: x18 without SUSA
 ])
@@ -30,7 +32,7 @@ def test_parameter_counts_are_exact(name, params, backbone):
 
 @pytest.mark.parametrize("name,size,paper_flops,official_conv_macs", [
     ("x18.yaml", None, 194.44, 233.93),
-    ("x30.yaml", None, 300.21, 371.09),
+    pytest.param("x30.yaml", None, 300.21, 371.09, marks=X30_GROUP),
     ("x18.yaml", (384, 288), 433.16, 521.95),
     ("x30_384.yaml", None, 668.03, 827.41),
     ("x18_dwonly.yaml", None, 188.67, 228.09),

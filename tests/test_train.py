@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -89,6 +90,17 @@ def train_only(tiny_data):
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(raw, f)
     return path, raw
+
+
+@pytest.fixture(scope="module")
+def five_steps(train_only, tmp_path_factory):
+    """A run stopped after 5 steps, with one checkpoint: where the bad-start and NaN tests
+    restart. Each test restarts a copy of it."""
+    config, _ = train_only
+    run = tmp_path_factory.mktemp("five") / "run"
+    ok = _run(config, run, "--override=train.max_steps=5")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    return run
 
 
 def _final_weights(model_dir, raw):
@@ -183,7 +195,7 @@ np.savez(sys.argv[3], *w)
     assert not any(n.startswith("worker_tmp") for n in os.listdir(tmp_path / "mw"))
 
 
-def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, tmp_path):
+def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, five_steps, tmp_path):
     config, raw = train_only
     res = _run(config, tmp_path / "a", "--override=train.epochz=3")
     assert res.returncode != 0 and "unknown key 'train.epochz'" in res.stderr
@@ -193,8 +205,7 @@ def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, tmp_path
     tf.io.TFRecordWriter(str(empty)).close()
     res = _run(config, tmp_path / "a", f"--override=data.train_tfrecords={empty}")
     assert "hold no samples" in res.stderr
-    ok = _run(config, tmp_path / "b", "--override=train.max_steps=5")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    shutil.copytree(five_steps, tmp_path / "b")
     before = sorted(os.listdir(tmp_path / "b" / "ckpt"))
     other = dict(raw, model=dict(raw["model"], num_blocks=[2, 1, 1]))
     other_cfg = tmp_path / "other.yaml"
@@ -204,10 +215,9 @@ def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, tmp_path
     assert sorted(os.listdir(tmp_path / "b" / "ckpt")) == before
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(train_only, tmp_path):
+def test_nan_loss_stops_and_keeps_last_checkpoint(train_only, five_steps, tmp_path):
     config, _ = train_only
-    ok = _run(config, tmp_path / "n", "--override=train.max_steps=5")
-    assert ok.returncode == 0
+    shutil.copytree(five_steps, tmp_path / "n")
     res = _run(config, tmp_path / "n", "--override=train.max_steps=10",
                "--override=train.learning_rate=1e30")
     assert res.returncode != 0
