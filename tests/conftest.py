@@ -105,3 +105,6 @@ def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argu
         shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
+    # xdist hands out the groups first (most tests first), then single tests in this order:
+    # long ones left to the end would run alone while the other worker idles.
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)

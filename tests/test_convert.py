@@ -64,6 +64,7 @@ def test_backbone_only_model_takes_backbone_keys():
     load_official_weights(backbone, state, cfg)
 
 
+@pytest.mark.early
 def test_cli_converts_reference(tmp_path):
     ckpt = shared_path(*REF, "state_dict.npz")
     out = tmp_path / "x18.weights.h5"
@@ -102,6 +103,7 @@ def test_missing_checkpoint_and_pth_without_torch(tmp_path):
         read_checkpoint(str(pth))
 
 
+@pytest.mark.early
 def test_x18_tflite_is_delegate_friendly():
     """Builtin ops only, rank <= 4, no BATCH_MATMUL, and the same numbers as the official net,
     for the graph the float exports use: shuffle units in pairs, one transpose per pair."""

@@ -122,6 +122,7 @@ def test_variants_differ():
 
 
 @pytest.mark.parametrize("unit", ["sx", "naive", "px"])
+@pytest.mark.early
 def test_paired_units_compute_the_same_function(unit, tmp_path):
     """The float exports' graph (`paired_copy`: one channel shuffle per pair of units, the
     second unit's channels permuted) computes what the trained model does; with an odd unit

@@ -110,6 +110,7 @@ def _final_weights(model_dir, raw):
     return model.get_weights()
 
 
+@pytest.mark.early
 def test_resume_after_kill_matches_uninterrupted_run(train_only, tmp_path):
     config, raw = train_only
     ref = _run(config, tmp_path / "ref")
@@ -132,6 +133,7 @@ def test_resume_after_kill_matches_uninterrupted_run(train_only, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.early
 def test_mirrored_strategy_on_two_cpu_devices(train_only, tmp_path):
     config, _ = train_only
     script = f"""
@@ -225,6 +227,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(train_only, five_steps, tmp_pa
     assert tf.train.latest_checkpoint(str(tmp_path / "n" / "ckpt")).endswith("ckpt-5")
 
 
+@pytest.mark.early
 def test_quickstart_shortened(tmp_path):
     """The quickstart flow end to end, on a small data set, model and step budget."""
     import xhrnet_tf
