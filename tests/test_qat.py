@@ -147,6 +147,20 @@ def test_susa_trains_on_the_int8_weights_the_converter_makes():
     assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
 
 
+def test_susa_takes_a_symbolic_training_flag():
+    """SUSA runs without autograph for speed; a training flag that is a tensor (a symbolic
+    learning phase) still works, through autograph, and in either state."""
+    layer = SUSA("h", max_length=8, fake_quant=True)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 8, 6, 4)).astype(np.float32))
+    layer(x)
+    step = tf.function(lambda x, t: layer(x, training=t))
+    np.testing.assert_array_equal(step(x, tf.constant(False)), layer(x, training=False))
+    before = [v.numpy() for v in layer.weights if "fq_" in v.name]
+    step(x, tf.constant(True))  # training: the moving-average ranges move
+    after = [v.numpy() for v in layer.weights if "fq_" in v.name]
+    assert before and any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
 def test_susa_int8_graph_has_no_requantising_ops():
     """Every SUSA tensor's range is one its int8 kernel can write: a QUANTIZE inside means a
     range the kernel cannot keep (REDUCE_MAX must keep its input's, LOGISTIC writes 1/256),
