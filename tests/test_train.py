@@ -220,6 +220,9 @@ def test_bad_starts_fail_with_one_line_and_keep_checkpoints(train_only, five_ste
 def test_nan_loss_stops_and_keeps_last_checkpoint(train_only, five_steps, tmp_path):
     config, _ = train_only
     shutil.copytree(five_steps, tmp_path / "n")
+    # The copy's checkpoint index is relative, so the run restarts the copy, not the original.
+    index = (tmp_path / "n" / "ckpt" / "checkpoint").read_text()
+    assert 'model_checkpoint_path: "ckpt-5"' in index, index
     res = _run(config, tmp_path / "n", "--override=train.max_steps=10",
                "--override=train.learning_rate=1e30")
     assert res.returncode != 0
