@@ -67,3 +67,32 @@ def test_missing_weights_is_one_line(tmp_path, capsys):
                             "--weights", str(missing)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(missing) in err
+
+
+def test_qat_mode_compares_int8_with_the_fake_quant_graph():
+    """Against its own fake-quant graph the int8 model of a QAT model agrees op by op, even
+    where it drifts far from float (the outlier conv): what is left is rounding that training
+    did not simulate."""
+    import tensorflow_model_optimization as tfmot
+    from xhrnet_tf import calibration
+    model = _three_convs(outlier=1000.0)
+    q = tfmot.quantization.keras.quantize_model(model)
+    images = [np.random.default_rng(i).normal(size=(1, 8, 8, 3)).astype(np.float32)
+              for i in range(12)]
+    calibration.calibrate_ranges(q, images[:8])
+    fake_quant, int8_content = int8_debug.qat_pair(q)
+    rows = int8_debug.compare_graphs(fake_quant, int8_content, images[8:])
+    assert len(rows) >= 3 and max(r.added for r in rows) < 0.02, [(r.name, r.added) for r in rows]
+    # The same int8 graph against the float model: the outlier conv's error shows.
+    against_float = int8_debug.compare_graphs(to_tflite(model), int8_content, images[8:])
+    assert max(r.error for r in against_float) > 10 * max(r.error for r in rows)
+    assert "matched to fake-quant ones" in int8_debug.report(rows, 3, "fake-quant")
+
+
+def test_check_samples_below_one_is_one_line(tmp_path, capsys):
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"")
+    assert int8_debug.main(["--config", "configs/quickstart_qat.yaml", "--weights",
+                            str(weights), "--check_samples", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--check_samples 0" in err

@@ -1,7 +1,15 @@
-"""Where int8 PTQ loses accuracy: every int8 tensor against the float model's, op by op.
+"""Where int8 loses accuracy: every int8 tensor against its reference, op by op.
 
     python -m xhrnet_tf.tools.int8_debug --config configs/quickstart.yaml \
         --weights runs/quickstart/final.weights.h5 [--no_equalize] [--top 20]
+    python -m xhrnet_tf.tools.int8_debug --config configs/quickstart_qat.yaml \
+        --weights runs/quickstart_qat/final.weights.h5
+
+With a float config, the int8 PTQ graph against the float graph. With a QAT config
+(`train.qat: true`) and its run's weights, the int8 .tflite the run exports against its own
+fake-quant graph, converted without quantising (every fake quant a QUANTIZE + DEQUANTIZE
+in float): there the two should agree, and an op that adds error is one whose int8 kernel
+rounds differently from what training simulated.
 
 TFLite's own `tf.lite.experimental.QuantizationDebugger` stops on X-HRNet: its debug model,
 which runs float ops on the int8 ops' dequantised inputs, fails in a DIV (SUSA's reciprocal
@@ -14,7 +22,8 @@ the two graphs name alike.
 Printed per op (the int8 graph's execution order):
 - error: ||int8 - float|| / ||float|| of the op's output, dequantised, per channel and
   averaged over channels; it carries what the ops before it lost (the accumulated error);
-- added: error minus the largest error of the op's inputs, what this op lost itself;
+- added: error minus the largest error of the op's inputs, what this op lost itself (0 for
+  ops that only pick or move values, such as REDUCE_MAX, RESHAPE or PAD);
 - levels: rms(float) / int8 scale for the median channel, how many int8 steps a typical
   value spans. Under ~4 the range is set by a few outliers (values or channels) and most
   values round to a handful of levels.
@@ -100,13 +109,33 @@ def channel_error(q: np.ndarray, f: np.ndarray) -> Tuple[float, np.ndarray]:
     return float(rel.mean()), norms / np.sqrt(f2.shape[0])
 
 
+# Ops whose int8 kernels only pick or move values, on their input's grid: they round
+# nothing, so what they show beyond their input's error is where that error sits (a row's
+# maximum), not error of their own.
+_SELECTING = {"REDUCE_MAX", "MAX_POOL_2D", "PAD", "RESHAPE", "TRANSPOSE", "SPLIT", "SLICE",
+              "STRIDED_SLICE", "GATHER"}
+
+
+def _rounded(ops) -> Dict[int, int]:
+    """tensor -> the same values after the QUANTIZE + DEQUANTIZE that follow it.
+
+    A fake-quant graph converted in float names a tensor as the int8 graph does but before
+    its rounding; the values the next op reads, which the int8 tensor holds, come out of the
+    DEQUANTIZE."""
+    dequantized = {op["inputs"][0]: op["outputs"][0] for op in ops
+                   if op["op_name"] == "DEQUANTIZE"}
+    return {op["inputs"][0]: dequantized[op["outputs"][0]] for op in ops
+            if op["op_name"] == "QUANTIZE" and op["outputs"][0] in dequantized}
+
+
 def compare_graphs(float_content: bytes, int8_content: bytes,
                    images: Sequence[np.ndarray]) -> List[Row]:
     """One row per int8 op whose output the float graph also has (same tensor name, or the
-    same place among the model's outputs)."""
-    fvals, fdetails, _, fouts = _run_keeping_tensors(float_content, images)
+    same place among the model's outputs). The float graph may be a fake-quant one."""
+    fvals, fdetails, fops, fouts = _run_keeping_tensors(float_content, images)
     qvals, qdetails, qops, qouts = _run_keeping_tensors(int8_content, images)
-    fnames = _unique_names(fdetails)
+    rounded = _rounded(fops)
+    fnames = {name: rounded.get(i, i) for name, i in _unique_names(fdetails).items()}
     twins = dict(zip(qouts, fouts))
     errors: Dict[int, float] = {}
     rows = []
@@ -124,8 +153,9 @@ def compare_graphs(float_content: bytes, int8_content: bytes,
                 continue
             errors[out], rms = channel_error(q, f)
             scale = float(qdetails[out]["quantization"][0])
-            rows.append(Row(op["index"], op["op_name"], name.split(";")[0], errors[out],
-                            errors[out] - before, float(np.abs(f).max()), scale,
+            added = 0.0 if op["op_name"] in _SELECTING else errors[out] - before
+            rows.append(Row(op["index"], op["op_name"], name.split(";")[0], errors[out], added,
+                            float(np.abs(f).max()), scale,
                             float(np.median(rms)) / scale if scale else float("inf")))
     return rows
 
@@ -142,12 +172,20 @@ def ptq_pair(config, model, images: Sequence[np.ndarray], equalize: bool) -> Tup
                                                                                     "float"))
 
 
+def qat_pair(qat_model) -> Tuple[bytes, bytes]:
+    """A QAT model's fake-quant graph in float and the int8 .tflite a QAT run exports."""
+    # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.qat import int8_hook
+    from xhrnet_tf.tflite_utils import to_tflite
+    return to_tflite(qat_model), to_tflite(qat_model, converter_hook=int8_hook())
+
+
 def _levels(r: Row) -> str:
     return "-" if r.levels == float("inf") else f"{r.levels:.1f}"  # a float output
 
 
-def report(rows: List[Row], top: int) -> str:
-    lines = [f"{len(rows)} int8 tensors matched to float ones\n",
+def report(rows: List[Row], top: int, reference: str = "float") -> str:
+    lines = [f"{len(rows)} int8 tensors matched to {reference} ones\n",
              f"The {top} ops that add the most error:\n",
              "| op # | op | added | error | levels | float peak | int8 scale | tensor |",
              "|---|---|---|---|---|---|---|---|"]
@@ -163,40 +201,64 @@ def report(rows: List[Row], top: int) -> str:
     return "\n".join(lines)
 
 
+def _load(args):
+    """(config, model, crops): the float model or, for a QAT config, the QAT model."""
+    # pylint: disable=import-outside-toplevel
+    import xhrnet_tf
+    from xhrnet_tf import export, train
+    from xhrnet_tf.model import load_weights
+    cfg = xhrnet_tf.load_config(args.config)
+    if cfg.train.qat:
+        model = train.build_model(cfg, init=False)
+        hint = "a QAT config takes the weights its run saved (final.weights.h5)"
+        count = args.check_samples
+    else:
+        model = xhrnet_tf.build_pose_model(cfg)
+        hint = "--weights takes the float model's weights"
+        count = args.calibration_samples + args.check_samples
+    load_weights(model, args.weights, hint=hint)
+    return cfg, model, export.training_calibration_images(cfg, count)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m xhrnet_tf.tools.int8_debug", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--weights", required=True, help="float weights (.weights.h5)")
+    p.add_argument("--config", required=True,
+                   help="a float config (PTQ against float) or a QAT one (int8 against "
+                        "fake quant)")
+    p.add_argument("--weights", required=True,
+                   help="the config's weights (.weights.h5): float, or a QAT run's")
     p.add_argument("--no_equalize", action="store_true",
-                   help="the plain graph instead of the channel-0 equalised one")
+                   help="PTQ: the plain graph instead of the channel-0 equalised one")
     p.add_argument("--calibration_samples", type=int, default=100)
     p.add_argument("--check_samples", type=int, default=8,
-                   help="held-out training crops the two graphs are compared on")
+                   help="training crops the two graphs are compared on (held out of PTQ's "
+                        "calibration)")
     p.add_argument("--top", type=int, default=20)
     args = p.parse_args(argv)
-    import xhrnet_tf  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf import export  # pylint: disable=import-outside-toplevel
-    from xhrnet_tf.model import load_weights  # pylint: disable=import-outside-toplevel
     if not os.path.isfile(args.weights):
         print(f"error: {args.weights}: weights file not found", file=sys.stderr)
         return 1
+    if args.check_samples < 1:
+        print(f"error: --check_samples {args.check_samples}: needs at least 1", file=sys.stderr)
+        return 1
     try:
-        cfg = xhrnet_tf.load_config(args.config)
-        model = xhrnet_tf.build_pose_model(cfg)
-        load_weights(model, args.weights, hint="--weights takes the float model's weights")
-        crops = export.training_calibration_images(
-            cfg, args.calibration_samples + args.check_samples)
+        cfg, model, crops = _load(args)
     except ValueError as e:  # ConfigError, WeightsError, ExportError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.check_samples < 1 or len(crops) <= args.check_samples:
-        print(f"error: --check_samples {args.check_samples}: needs 1 to {len(crops) - 1} "
-              f"(found {len(crops)} training crops)", file=sys.stderr)
-        return 1
-    fit, check = crops[:-args.check_samples], crops[-args.check_samples:]
-    float_content, int8_content = ptq_pair(cfg, model, fit, not args.no_equalize)
-    print(report(compare_graphs(float_content, int8_content, check), args.top))
+    if cfg.train.qat:
+        check = crops
+        reference, (ref_content, int8_content) = "fake-quant", qat_pair(model)
+    else:
+        if len(crops) <= args.check_samples:
+            print(f"error: --check_samples {args.check_samples}: needs 1 to {len(crops) - 1} "
+                  f"(found {len(crops)} training crops)", file=sys.stderr)
+            return 1
+        fit, check = crops[:-args.check_samples], crops[-args.check_samples:]
+        reference = "float"
+        ref_content, int8_content = ptq_pair(cfg, model, fit, not args.no_equalize)
+    print(report(compare_graphs(ref_content, int8_content, check), args.top, reference))
     return 0
 
 
