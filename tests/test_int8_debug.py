@@ -96,3 +96,32 @@ def test_check_samples_below_one_is_one_line(tmp_path, capsys):
                             str(weights), "--check_samples", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--check_samples 0" in err
+
+
+@pytest.mark.slow
+def test_cli_with_a_qat_config(tiny_data, tmp_path, capsys):
+    """A QAT config: its run's weights are compared against their own fake-quant graph, and
+    float weights get a one-line error."""
+    import yaml
+    import xhrnet_tf
+    from xhrnet_tf import train
+    from conftest import randomise_weights
+    _, raw = tiny_data
+    raw = dict(raw, train=dict(raw["train"], qat=True))
+    config = tmp_path / "qat.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    cfg = xhrnet_tf.load_config(str(config))
+    qat_model = train.build_model(cfg, init=False)
+    qat_model.save_weights(str(tmp_path / "qat.weights.h5"))
+    float_model = xhrnet_tf.build_pose_model(cfg)
+    randomise_weights(float_model, seed=2, scale=0.2)
+    float_model.save_weights(str(tmp_path / "float.weights.h5"))
+    assert int8_debug.main(["--config", str(config),
+                            "--weights", str(tmp_path / "float.weights.h5")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "float.weights.h5" in err and "QAT" in err
+    assert int8_debug.main(["--config", str(config), "--weights",
+                            str(tmp_path / "qat.weights.h5"), "--check_samples", "2",
+                            "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "matched to fake-quant ones" in out and "(the model's output)" in out
