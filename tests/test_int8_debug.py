@@ -98,6 +98,18 @@ def test_check_samples_below_one_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "--check_samples 0" in err
 
 
+@pytest.mark.parametrize("extra", [["--no_equalize"], ["--calibration_samples", "50"]])
+def test_ptq_options_with_a_qat_config_are_one_line(tmp_path, capsys, extra):
+    """A QAT config's int8 ranges come from its run: PTQ's options would be ignored, so they
+    are refused before any model is built."""
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes(b"")
+    assert int8_debug.main(["--config", "configs/quickstart_qat.yaml", "--weights",
+                            str(weights)] + extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and extra[0] in err and "quickstart_qat.yaml" in err
+
+
 @pytest.mark.slow
 def test_cli_with_a_qat_config(tiny_data, tmp_path, capsys):
     """A QAT config: its run's weights are compared against their own fake-quant graph, and

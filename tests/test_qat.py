@@ -188,6 +188,18 @@ def test_qat_checkpoint_round_trip(quantized, tmp_path):
     np.testing.assert_array_equal(fresh(x, training=False).numpy(), ref)
 
 
+def test_weights_files_say_whether_a_qat_run_saved_them(quantized, tmp_path):
+    """What export reads to refuse a float/QAT mix-up before building a model."""
+    from xhrnet_tf.model import saved_by_qat
+    _, model, q, _ = quantized
+    q.save_weights(str(tmp_path / "q.weights.h5"))
+    model.save_weights(str(tmp_path / "f.weights.h5"))
+    (tmp_path / "junk.weights.h5").write_bytes(b"not hdf5")
+    assert saved_by_qat(str(tmp_path / "q.weights.h5")) is True
+    assert saved_by_qat(str(tmp_path / "f.weights.h5")) is False
+    assert saved_by_qat(str(tmp_path / "junk.weights.h5")) is None
+
+
 def _calibrated_tiny_model(unit="sx"):
     """(float output, QAT model with calibrated ranges, its fake-quant error to float before
     calibration, the other variables before calibration, number of ranges set, images)."""

@@ -286,6 +286,20 @@ def sidecar(config: Config, files: dict, int8: Optional[dict] = None) -> dict:
     }
 
 
+def _check_weights_kind(weights: str, qat: bool) -> None:
+    """Float weights for QAT's format or the reverse fail here, read from the file, before
+    any model is built."""
+    from xhrnet_tf.model import saved_by_qat  # pylint: disable=import-outside-toplevel
+    found = saved_by_qat(weights)
+    if found is None or found == qat:
+        return
+    if qat:
+        raise ExportError(f"{weights}: a float model's weights, but --formats qat takes a QAT "
+                          "run's (train.qat: true); pass that run's final.weights.h5")
+    raise ExportError(f"{weights}: a QAT run's weights; export them with that run's config "
+                      "and --formats qat")
+
+
 def export(config: Config, weights: str, output_dir: str, formats: List[str],
            tfrecords: Optional[str] = None, int8_io: str = "float",
            calibration_samples: int = 200,
@@ -304,6 +318,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     check_int8_variants(int8_variants)
     if "int8" in formats and tfrecords:
         _calibration_files(tfrecords)  # fails before the model is built, not after
+    _check_weights_kind(weights, "qat" in formats)
     model = build_pose_model(config, int8_graph="qat" in formats)
     if "qat" in formats:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel

@@ -106,6 +106,20 @@ def load_weights(model: tf_keras.Model, path: str, what: str = "this config's mo
         raise WeightsError(f"{path}: does not fit {what} ({first[:160]}); {hint}") from None
 
 
+def saved_by_qat(path: str) -> Optional[bool]:
+    """Whether a `.weights.h5` file holds a QAT model's weights (tfmot's input quantize layer
+    is in it), read from the file alone; None when it is not such a file. Lets a wrong pair
+    of weights and config fail before a QAT model, which takes half a minute, is built."""
+    import h5py  # pylint: disable=import-outside-toplevel
+    try:
+        with h5py.File(path, "r") as f:
+            if "layers" not in f:
+                return None
+            return "quantize_layer" in f["layers"]
+    except OSError:
+        return None
+
+
 def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,
                 int8_graph: bool = False) -> tf_keras.Model:
     """`model` rebuilt with paired shuffle units for export: the same function and weights,

@@ -27,13 +27,14 @@ fine-tuning starts.
 from __future__ import annotations
 
 import collections
-import functools
 from typing import Dict, List, Tuple
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_model_optimization as tfmot
 import tf_keras
 
+from xhrnet_tf import quantize_configs
 from xhrnet_tf.layers import CUSTOM_OBJECTS, SUSA
 from xhrnet_tf.shape_layers import BilinearResize, ChannelSplit, NearestUpsample, Subsample2x
 
@@ -42,89 +43,12 @@ _PASSTHROUGH = (ChannelSplit, NearestUpsample, BilinearResize, Subsample2x)
 # Permute an output quantiser of their own, whose range then disagrees with the input's and
 # the converter fails on the same-scale constraint of RESHAPE/TRANSPOSE.
 _STOCK_PASSTHROUGH = (tf_keras.layers.Reshape, tf_keras.layers.Permute)
-
-
-def _tfmot():
-    import tensorflow_model_optimization as tfmot  # pylint: disable=import-outside-toplevel
-    return tfmot.quantization.keras
-
-
-@functools.lru_cache(maxsize=None)
-def _config_classes():
-    qk = _tfmot()
-
-    class NoQuantizeConfig(qk.QuantizeConfig):
-        """Layers whose int8 kernels keep the input's scale: nothing to fake-quantise."""
-
-        def get_weights_and_quantizers(self, layer):
-            return []
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return []
-
-        def get_config(self):
-            return {}
-
-    class OutputQuantizeConfig(NoQuantizeConfig):
-        """Fake-quantises the layer's output only (SUSA, and Adds read by more than a ReLU)."""
-
-        def get_output_quantizers(self, layer):
-            return [qk.quantizers.MovingAverageQuantizer(
-                num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
-
-    class DepthwiseKernelQuantizer(qk.quantizers.LastValueQuantizer):
-        """Per-channel int8 range for a depthwise kernel (kh, kw, C, 1).
-
-        tfmot's conv weight quantizer is per-axis over the kernel's last axis, which for a
-        depthwise kernel is the depth multiplier: one range for all C channels
-        (tensorflow/model-optimization#808), while the converter quantises the BN-folded
-        kernel per channel. The channel axis is moved last for the per-channel fake quant.
-        """
-
-        def __init__(self):
-            super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
-
-        def build(self, tensor_shape, name, layer):
-            kh, kw, c, m = tensor_shape
-            return super().build([kh, kw, m, c], name, layer)
-
-        def __call__(self, inputs, training, weights, **kwargs):
-            swapped = tf.transpose(inputs, (0, 1, 3, 2))
-            return tf.transpose(super().__call__(swapped, training, weights, **kwargs),
-                                (0, 1, 3, 2))
-
-        def get_config(self):
-            return {}
-
-    class DepthwiseQuantizeConfig(NoQuantizeConfig):
-        """A depthwise conv read only by its BN: per-channel kernel, no range of its own
-        (the BN's output carries it, as the converter fuses the two)."""
-
-        def get_weights_and_quantizers(self, layer):
-            return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            layer.depthwise_kernel = quantize_weights[0]
-
-    return NoQuantizeConfig, OutputQuantizeConfig, DepthwiseQuantizeConfig, \
-        DepthwiseKernelQuantizer
+_qk = tfmot.quantization.keras
 
 
 def quantize_scope():
     """Scope in which QAT models (and their checkpoints) deserialize."""
-    no_quant, out_quant, dw_quant, dw_kernel = _config_classes()
-    objects = dict(CUSTOM_OBJECTS, NoQuantizeConfig=no_quant, OutputQuantizeConfig=out_quant,
-                   DepthwiseQuantizeConfig=dw_quant, DepthwiseKernelQuantizer=dw_kernel)
-    return _tfmot().quantize_scope(objects)
+    return _qk.quantize_scope(dict(CUSTOM_OBJECTS, **quantize_configs.CONFIG_OBJECTS))
 
 
 def _shared_add(layer) -> bool:
@@ -235,11 +159,11 @@ def describe(model: tf_keras.Model) -> List[Tuple[str, str, str]]:
 
 def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[str, str, str]]]:
     """QAT version of a float X-HRNet (its weights included) and the per-layer report."""
-    qk = _tfmot()
-    no_quant, out_quant, dw_quant, _ = _config_classes()
+    no_quant = quantize_configs.NoQuantizeConfig
+    out_quant = quantize_configs.OutputQuantizeConfig
     configs = {"susa": out_quant, "shared_add": out_quant, "passthrough": no_quant,
-               "relu_input": no_quant, "scale": out_quant, "depthwise": dw_quant,
-               "depthwise_bn": out_quant}
+               "relu_input": no_quant, "scale": out_quant,
+               "depthwise": quantize_configs.DepthwiseQuantizeConfig, "depthwise_bn": out_quant}
     clones = {}
 
     def annotate(layer):
@@ -252,7 +176,7 @@ def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[st
         clone = layer.__class__.from_config(config)
         clones[layer.name] = clone
         make = no_quant if concat else configs.get(kind)
-        return qk.quantize_annotate_layer(clone, make() if make else None)
+        return _qk.quantize_annotate_layer(clone, make() if make else None)
 
     annotated = tf_keras.models.clone_model(model, clone_function=annotate)
     for layer in model.layers:
@@ -262,7 +186,7 @@ def quantize_model(model: tf_keras.Model) -> Tuple[tf_keras.Model, List[Tuple[st
             target = clones[layer.name]
             target.set_weights(values + target.get_weights()[len(values):])
     with quantize_scope():
-        qat = qk.quantize_apply(annotated)
+        qat = _qk.quantize_apply(annotated)
     _set_input_range(qat)
     return qat, describe(model)
 

@@ -209,13 +209,20 @@ def _load(args):
     from xhrnet_tf.model import load_weights
     cfg = xhrnet_tf.load_config(args.config)
     if cfg.train.qat:
+        ptq_only = [f for f, v in (("--no_equalize", args.no_equalize),
+                                   ("--calibration_samples", args.calibration_samples))
+                    if v not in (None, False)]
+        if ptq_only:
+            raise ValueError(f"{', '.join(ptq_only)}: PTQ options, but {args.config} is a QAT "
+                             "config, whose int8 ranges come from its run: drop them")
         model = train.build_model(cfg, init=False)
         hint = "a QAT config takes the weights its run saved (final.weights.h5)"
         count = args.check_samples
     else:
         model = xhrnet_tf.build_pose_model(cfg)
         hint = "--weights takes the float model's weights"
-        count = args.calibration_samples + args.check_samples
+        fit = 100 if args.calibration_samples is None else args.calibration_samples
+        count = fit + args.check_samples
     load_weights(model, args.weights, hint=hint)
     return cfg, model, export.training_calibration_images(cfg, count)
 
@@ -230,7 +237,8 @@ def main(argv=None) -> int:
                    help="the config's weights (.weights.h5): float, or a QAT run's")
     p.add_argument("--no_equalize", action="store_true",
                    help="PTQ: the plain graph instead of the channel-0 equalised one")
-    p.add_argument("--calibration_samples", type=int, default=100)
+    p.add_argument("--calibration_samples", type=int, default=None,
+                   help="PTQ: training crops the int8 ranges are calibrated on (default 100)")
     p.add_argument("--check_samples", type=int, default=8,
                    help="training crops the two graphs are compared on (held out of PTQ's "
                         "calibration)")
