@@ -221,12 +221,12 @@ def test_export_bad_input(exported, tmp_path, capsys):
         export.export(other, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32"])
     with pytest.raises(export.ExportError, match="export them separately"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32", "qat"])
-    with pytest.raises(export.ExportError, match="a float model's weights, but --formats qat"):
+    with pytest.raises(export.ExportError, match="a float model's weights, but --weights takes a QAT run's; pass the final"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["qat"])
     qat_like = tmp_path / "qat.weights.h5"  # the layout of a QAT run's file (test_qat checks)
     with h5py.File(qat_like, "w") as f:
         f.create_group("layers/quantize_layer")
-    with pytest.raises(export.ExportError, match="a QAT run's weights; export them with"):
+    with pytest.raises(export.ExportError, match="a QAT run's weights, but --weights takes a float model's; export a QAT"):
         export.export(cfg, str(qat_like), str(tmp_path / "o"), ["fp32"])
     with pytest.raises(export.ExportError, match=r"--int8_variants \['equalized'\]: choose"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["int8"],

@@ -338,6 +338,32 @@ def test_qat_bad_starts(tiny_data, tmp_path):
     assert res.returncode != 0 and "exclude each other" in res.stderr
 
 
+def test_int8_accuracy_without_ptq_scores_only_the_models_given(tiny_data, tmp_path, capsys):
+    """`--ptq_variants none` (QAT runs scored alone); weights of the wrong kind and unknown
+    variants fail in one line before anything is built."""
+    import h5py
+    from xhrnet_tf.config import config_from_dict
+    from xhrnet_tf.tools import int8_accuracy
+    config, raw = tiny_data
+    model = xhrnet_tf.build_pose_model(config_from_dict(raw))
+    randomise_weights(model, seed=6, scale=0.2)
+    model.save_weights(str(tmp_path / "f.weights.h5"))
+    res = int8_accuracy.compare(config_from_dict(raw), str(tmp_path / "f.weights.h5"),
+                                control_weights=str(tmp_path / "f.weights.h5"), ptq_variants=())
+    assert set(res) == {"float (Keras)", int8_accuracy.CONTROL}
+    assert res[int8_accuracy.CONTROL]["AP"] == res["float (Keras)"]["AP"]
+    with h5py.File(tmp_path / "q.weights.h5", "w") as f:  # a QAT run's layout
+        f.create_group("layers/quantize_layer")
+    for extra, named in ((["--weights", str(tmp_path / "q.weights.h5")], "--weights"),
+                         (["--weights", str(tmp_path / "f.weights.h5"), "--qat_weights",
+                           str(tmp_path / "f.weights.h5")], "--qat_weights"),
+                         (["--weights", str(tmp_path / "f.weights.h5"), "--ptq_variants",
+                           "plain,equalized"], "--ptq_variants")):
+        assert int8_accuracy.main(["--config", config] + extra) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"error: {named} "), err
+
+
 @pytest.mark.slow  # a reporting tool; 29 s of QAT and PTQ conversions
 def test_int8_accuracy_tool_scores_each_variant(tiny_data, tmp_path):
     from xhrnet_tf.config import config_from_dict, replace

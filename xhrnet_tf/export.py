@@ -183,10 +183,10 @@ def tflite_heatmaps(content: bytes, images: List[np.ndarray]) -> np.ndarray:
 PTQ_VARIANTS = ("plain", "equalised", "qat_graph")
 
 
-def check_int8_variants(variants: Sequence[str]) -> None:
+def check_int8_variants(variants: Sequence[str], flag: str = "--int8_variants") -> None:
     unknown = sorted(set(variants) - set(PTQ_VARIANTS))
     if unknown or not variants:
-        raise ExportError(f"--int8_variants {unknown or '(none)'}: choose from "
+        raise ExportError(f"{flag} {unknown or '(none)'}: choose from "
                           f"{list(PTQ_VARIANTS)}")
 
 
@@ -286,26 +286,12 @@ def sidecar(config: Config, files: dict, int8: Optional[dict] = None) -> dict:
     }
 
 
-def _check_weights_kind(weights: str, qat: bool) -> None:
-    """Float weights for QAT's format or the reverse fail here, read from the file, before
-    any model is built."""
-    from xhrnet_tf.model import saved_by_qat  # pylint: disable=import-outside-toplevel
-    found = saved_by_qat(weights)
-    if found is None or found == qat:
-        return
-    if qat:
-        raise ExportError(f"{weights}: a float model's weights, but --formats qat takes a QAT "
-                          "run's (train.qat: true); pass that run's final.weights.h5")
-    raise ExportError(f"{weights}: a QAT run's weights; export them with that run's config "
-                      "and --formats qat")
-
-
 def export(config: Config, weights: str, output_dir: str, formats: List[str],
            tfrecords: Optional[str] = None, int8_io: str = "float",
            calibration_samples: int = 200,
            int8_variants: Sequence[str] = PTQ_VARIANTS) -> dict:
     from xhrnet_tf.model import (  # pylint: disable=import-outside-toplevel
-        WeightsError, build_pose_model, load_weights, paired_copy)
+        WeightsError, build_pose_model, check_weights_kind, load_weights, paired_copy)
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -318,7 +304,12 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     check_int8_variants(int8_variants)
     if "int8" in formats and tfrecords:
         _calibration_files(tfrecords)  # fails before the model is built, not after
-    _check_weights_kind(weights, "qat" in formats)
+    try:
+        check_weights_kind(weights, "qat" in formats, hint=(
+            "pass the final.weights.h5 of a run with train.qat: true" if "qat" in formats
+            else "export a QAT run's weights with its config and --formats qat"))
+    except WeightsError as e:
+        raise ExportError(str(e)) from None
     model = build_pose_model(config, int8_graph="qat" in formats)
     if "qat" in formats:
         from xhrnet_tf import qat  # pylint: disable=import-outside-toplevel

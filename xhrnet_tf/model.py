@@ -120,6 +120,18 @@ def saved_by_qat(path: str) -> Optional[bool]:
         return None
 
 
+def check_weights_kind(path: str, qat: bool, flag: str = "--weights", hint: str = "") -> None:
+    """WeightsError, before any model is built, when `path` holds a QAT run's weights where
+    float ones are wanted or the reverse (see `saved_by_qat`)."""
+    found = saved_by_qat(path)
+    if found is None or found == qat:
+        return
+    have, want = ("a QAT run's", "a float model's") if found else ("a float model's",
+                                                                   "a QAT run's")
+    raise WeightsError(f"{flag} {path}: {have} weights, but {flag} takes {want}"
+                       + (f"; {hint}" if hint else ""))
+
+
 def paired_copy(config: Union[Config, ModelConfig], model: tf_keras.Model,
                 int8_graph: bool = False) -> tf_keras.Model:
     """`model` rebuilt with paired shuffle units for export: the same function and weights,

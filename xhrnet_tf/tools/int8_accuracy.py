@@ -6,7 +6,8 @@
         [--control_weights runs/quickstart_float_ft/final.weights.h5]
         [--annotations person_keypoints_val2017.json --images DIR]   # else the config's val set
 
-The int8 variants are those `export --formats int8` chooses from (`export.ptq_variants`).
+The int8 PTQ variants are those `export --formats int8` chooses from (`export.ptq_variants`);
+`--ptq_variants none` skips them (minutes each on a full-size model) to score QAT runs alone.
 Every variant sees the same evaluation crops (ground-truth boxes) with the config's flip test
 and decoding. Printed per variant: COCO keypoint AP (pycocotools) and the mean distance, in
 heatmap pixels, of its keypoints from the float model's. PTQ is calibrated on the config's
@@ -57,7 +58,8 @@ def _eval_shards(cfg, annotations, images, tmp):
 
 
 def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, images=None,
-            calibration_samples=200, control_weights=None) -> Dict[str, Dict[str, float]]:
+            calibration_samples=200, control_weights=None,
+            ptq_variants=tuple(PTQ_LABELS)) -> Dict[str, Dict[str, float]]:
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
     from xhrnet_tf import evaluate, export, qat  # pylint: disable=import-outside-toplevel
     from xhrnet_tf.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -65,10 +67,11 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
     model = xhrnet_tf.build_pose_model(cfg)
     load_weights(model, weights, hint="--weights takes the float model's weights")
-    calib = export.training_calibration_images(cfg, calibration_samples)
     variants = {"float (Keras)": _keras_predict(model)}
-    for name, content in export.ptq_variants(cfg, model, calib).items():
-        variants[PTQ_LABELS[name]] = _tflite_predict(content)
+    if ptq_variants:
+        calib = export.training_calibration_images(cfg, calibration_samples)
+        for name, content in export.ptq_variants(cfg, model, calib, variants=ptq_variants).items():
+            variants[PTQ_LABELS[name]] = _tflite_predict(content)
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)
         load_weights(control, control_weights,
@@ -113,17 +116,29 @@ def main(argv=None) -> int:
     p.add_argument("--control_weights",
                    help="float weights fine-tuned with QAT's schedule in float: QAT's reference")
     p.add_argument("--calibration_samples", type=int, default=200)
+    p.add_argument("--ptq_variants", default=",".join(PTQ_LABELS),
+                   help=f"comma-separated, from {','.join(PTQ_LABELS)}; 'none' for none")
     args = p.parse_args(argv)
+    ptq = [] if args.ptq_variants == "none" else args.ptq_variants.split(",")
     import xhrnet_tf  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.export import check_int8_variants  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.model import check_weights_kind  # pylint: disable=import-outside-toplevel
     for path in (args.weights, args.qat_weights, args.control_weights):
         if path and not os.path.isfile(path):
             print(f"error: {path}: weights file not found", file=sys.stderr)
             return 1
-    try:
+    try:  # the cheap checks first: a mix-up would otherwise show after minutes of PTQ
+        if ptq:
+            check_int8_variants(ptq, "--ptq_variants")
+        for flag, path, qat in (("--weights", args.weights, False),
+                                ("--qat_weights", args.qat_weights, True),
+                                ("--control_weights", args.control_weights, False)):
+            if path:
+                check_weights_kind(path, qat, flag)
         cfg = xhrnet_tf.load_config(args.config)
         qat_cfg = xhrnet_tf.load_config(args.qat_config) if args.qat_config else None
         res = compare(cfg, args.weights, qat_cfg, args.qat_weights, args.annotations,
-                      args.images, args.calibration_samples, args.control_weights)
+                      args.images, args.calibration_samples, args.control_weights, ptq)
     except ValueError as e:  # ConfigError, WeightsError, DataError
         print(f"error: {e}", file=sys.stderr)
         return 1

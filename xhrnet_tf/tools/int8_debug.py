@@ -206,8 +206,10 @@ def _load(args):
     # pylint: disable=import-outside-toplevel
     import xhrnet_tf
     from xhrnet_tf import export, train
-    from xhrnet_tf.model import load_weights
+    from xhrnet_tf.model import check_weights_kind, load_weights
     cfg = xhrnet_tf.load_config(args.config)
+    check_weights_kind(args.weights, cfg.train.qat,
+                       hint=f"{args.config} has train.qat: {str(cfg.train.qat).lower()}")
     if cfg.train.qat:
         ptq_only = [f for f, v in (("--no_equalize", args.no_equalize),
                                    ("--calibration_samples", args.calibration_samples))
