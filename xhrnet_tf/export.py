@@ -197,7 +197,7 @@ def calibrated_qat_graph(equalised, images: List[np.ndarray], io_type: str = "fl
     (`calibration.calibrate_ranges(batch_norm=True)`), converted as a QAT model is.
 
     On session 19's quickstart model it scores AP 0.46 against the converter's PTQ 0.33
-    (float 0.50), half of the gain from the BatchNorm re-estimation (tflite/README.md).
+    (float 0.50), half of the gain from the BatchNorm re-estimation (tflite/EXPERIMENTS.md).
     It runs QAT's graph, x18 1.34x slower than the one PTQ converts on an x86 CPU: SUSA's
     query stays a depthwise conv (MUL + SUM would round the full-size product to int8)."""
     from xhrnet_tf import calibration, qat  # pylint: disable=import-outside-toplevel
