@@ -221,12 +221,14 @@ def test_export_bad_input(exported, tmp_path, capsys):
         export.export(other, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32"])
     with pytest.raises(export.ExportError, match="export them separately"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["fp32", "qat"])
-    with pytest.raises(export.ExportError, match="a float model's weights, but --weights takes a QAT run's; pass the final"):
+    with pytest.raises(export.ExportError,
+                       match="a float model's weights, but --weights takes a QAT run's; pass the"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["qat"])
     qat_like = tmp_path / "qat.weights.h5"  # the layout of a QAT run's file (test_qat checks)
     with h5py.File(qat_like, "w") as f:
         f.create_group("layers/quantize_layer")
-    with pytest.raises(export.ExportError, match="a QAT run's weights, but --weights takes a float model's; export a QAT"):
+    with pytest.raises(export.ExportError,
+                       match="a QAT run's weights, but --weights takes a float model's; export a"):
         export.export(cfg, str(qat_like), str(tmp_path / "o"), ["fp32"])
     with pytest.raises(export.ExportError, match=r"--int8_variants \['equalized'\]: choose"):
         export.export(cfg, str(root / "tiny.weights.h5"), str(tmp_path / "o"), ["int8"],
@@ -338,9 +340,7 @@ def test_ptq_keeps_the_variant_closer_to_float():
     equalisation, QAT's graph calibrated) and keeps the one whose heatmaps are closer to
     float on crops left out of the calibration; with integer I/O too. (Its own model, not
     the `exported` fixture's: at 80 s it would keep that fixture's xdist group busy.)"""
-    raw = config_to_dict(Config())
-    raw["model"].update(TINY)
-    cfg = config_from_dict(raw)
+    cfg = config_from_dict({"model": TINY})
     model = xhrnet_tf.build_pose_model(cfg)
     randomise_weights(model, seed=0, scale=0.2)
     shape = (1,) + tuple(model.input_shape[1:])

@@ -70,7 +70,8 @@ def compare(cfg, weights, qat_cfg=None, qat_weights=None, annotations=None, imag
     variants = {"float (Keras)": _keras_predict(model)}
     if ptq_variants:
         calib = export.training_calibration_images(cfg, calibration_samples)
-        for name, content in export.ptq_variants(cfg, model, calib, variants=ptq_variants).items():
+        converted = export.ptq_variants(cfg, model, calib, variants=ptq_variants)
+        for name, content in converted.items():
             variants[PTQ_LABELS[name]] = _tflite_predict(content)
     if control_weights:
         control = xhrnet_tf.build_pose_model(cfg)

@@ -28,7 +28,8 @@ Printed per op (the int8 graph's execution order):
   value spans. Under ~4 the range is set by a few outliers (values or channels) and most
   values round to a handful of levels.
 Then the accumulated error at every fuse output and at the heatmaps, the figures that
-follow AP: a large "added" inside SUSA's gate need not cost any (tflite/EXPERIMENTS.md, session 19).
+follow AP: a large "added" inside SUSA's gate need not cost any (tflite/EXPERIMENTS.md,
+session 19).
 """
 from __future__ import annotations
 
