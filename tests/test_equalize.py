@@ -64,6 +64,16 @@ def test_chosen_scales_track_an_inflated_channel_and_balance_it(tiny):
         assert s == pytest.approx(1.0, rel=1e-3), name
 
 
+def test_scales_do_not_depend_on_the_batching(tiny):
+    cfg, model, images = tiny
+    segs = equalize.segments(cfg)
+    one_by_one = equalize.choose_scales(model, segs, images, batch_size=1)
+    batched = equalize.choose_scales(model, segs, images, batch_size=3)
+    assert one_by_one.keys() == batched.keys() and len(batched) > 1
+    for name, s in one_by_one.items():
+        assert batched[name] == pytest.approx(s, rel=1e-5), name
+
+
 def _int8_error(model, images, x):
     content = to_tflite(model, converter_hook=export.ptq_int8_hook(images, "float"))
     interp = interpreter(content)
