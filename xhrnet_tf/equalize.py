@@ -117,7 +117,7 @@ def choose_scales(model, segs: List[Segment], images, batch_size: int = 16) -> D
     probe_model = tf_keras.Model(model.input, outputs)
     peaks = np.zeros((len(probes), 2))
     images = list(images)
-    # Batches, not single crops: an eager call walks the model's ~3k layers in Python; 64
+    # Batches, not single crops: an eager call walks the model's ~900 layers in Python; 64
     # crops one at a time took 48 s on the quickstart model, in batches of 16 4.4 s.
     for start in range(0, len(images), batch_size):
         batch = np.concatenate(images[start:start + batch_size])
