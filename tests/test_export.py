@@ -57,6 +57,10 @@ def test_files_sidecar_and_signatures(exported):
     assert meta["input_size"] == {"height": 64, "width": 64}
     assert meta["keypoints"][5] == "left_shoulder" and [5, 6] in meta["flip_pairs"]
     assert meta["int8"] == {"variant": "plain", "relative_heatmap_error_held_out": {}}
+    checks = meta["delegate_checks"]
+    assert sorted(checks) == [f"model_{f}.tflite" for f in sorted(FLOAT_FORMATS)]
+    assert all(c["ok"] for c in checks["model_fp32.tflite"].values() if c["ok"] is not None)
+    assert checks["model_int8.tflite"]["integer_inside"]["ok"] is True
     loaded = tf.saved_model.load(str(out / "saved_model"))
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
     ref = model(x, training=False).numpy()

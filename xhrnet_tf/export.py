@@ -269,9 +269,12 @@ def format_hook(fmt: str):
     return None if fmt == "fp32" else hook
 
 
-def sidecar(config: Config, files: dict, int8: Optional[dict] = None) -> dict:
+def sidecar(config: Config, files: dict, int8: Optional[dict] = None,
+            checks: Optional[dict] = None) -> dict:
     h, w = config.model.input_size
     extra = {"int8": int8} if int8 else {}
+    if checks:
+        extra["delegate_checks"] = checks
     return {
         "model": "X-HRNet", "unit": config.model.unit, "input_size": {"height": h, "width": w},
         "input": "RGB float32, (pixel / 255 - mean) / std (unless an int8/uint8 input says "
@@ -292,7 +295,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
            int8_variants: Sequence[str] = PTQ_VARIANTS) -> dict:
     from xhrnet_tf.model import (  # pylint: disable=import-outside-toplevel
         WeightsError, build_pose_model, check_weights_kind, load_weights, paired_copy)
-    from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.tflite_utils import delegate_checks, to_tflite  # pylint: disable=import-outside-toplevel
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ExportError(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
@@ -328,7 +331,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     # graph is the one it trained: its fake-quant ranges belong to the plain graph.
     deploy = model if "qat" in formats else paired_copy(config, model)
     save_saved_model(deploy, os.path.join(output_dir, "saved_model"))
-    int8_info = None
+    int8_info, checks = None, {}
     for fmt in formats:
         if fmt == "int8":
             content, errors = ptq_int8(config, model, calib, int8_io, int8_variants)
@@ -342,8 +345,10 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
         files[fmt] = f"model_{fmt}.tflite" if fmt != "qat" else "model_qat_int8.tflite"
         with open(os.path.join(output_dir, files[fmt]), "wb") as f:
             f.write(content)
+        # No GPU run here: on a software Vulkan driver it compiles for a minute or more.
+        checks[files[fmt]] = delegate_checks(content, gpu=False)
     with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
-        json.dump(sidecar(config, files, int8_info), f, indent=1)
+        json.dump(sidecar(config, files, int8_info, checks), f, indent=1)
     return files
 
 
@@ -373,8 +378,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from xhrnet_tf.tflite_utils import checks_summary  # pylint: disable=import-outside-toplevel
+    with open(os.path.join(args.output_dir, "model.json"), encoding="utf-8") as f:
+        checks = json.load(f).get("delegate_checks", {})
     for fmt, name in files.items():
-        print(f"{fmt:>12}: {os.path.join(args.output_dir, name)}")
+        print(f"{fmt:>12}: {os.path.join(args.output_dir, name)}{checks_summary(checks.get(name))}")
     return 0
 
 

@@ -163,6 +163,100 @@ def gpu_compatibility(model_content: bytes) -> List[str]:
     return warnings
 
 
+def is_full_integer(model_content: bytes) -> bool:
+    """Whether activations run in int8: a QUANTIZE op (float input) or an integer input.
+    fp16 and dynamic-range models have only DEQUANTIZE ops of their weights."""
+    interp = interpreter(model_content, experimental_op_resolver_type=no_delegate_resolver())
+    ops = {d["op_name"] for d in interp._get_ops_details()}  # pylint: disable=protected-access
+    return "QUANTIZE" in ops or interp.get_input_details()[0]["dtype"] in (np.int8, np.uint8)
+
+
+# What delegates need of a graph, in the order `delegate_checks` reports it.
+DELEGATE_CHECKS = {
+    "builtin_ops": "builtin ops only (no custom or Flex op)",
+    "rank_le_4": "every tensor of rank <= 4 (no 5-D reshape or transpose)",
+    "no_batch_matmul": "no BATCH_MATMUL",
+    "gpu_delegate": "LiteRT's GPU accelerator runs the whole graph",
+    "xnnpack_one_partition": "XNNPACK takes the whole graph as one partition",
+    "integer_inside": "full int8: integer kernels from input to output",
+}
+
+
+def delegate_checks(model_content: bytes, gpu: bool = True) -> Dict[str, Dict]:
+    """{check: {"ok": True/False (None: not applicable or not run), "detail": str}} for
+    DELEGATE_CHECKS.
+
+    The checks the tests make of every graph `export` writes, for any .tflite (one made by
+    `tflite_convert`, say). The partitions are those of this machine's ai_edge_litert; a
+    LiteRT of another release may take more or fewer ops. `gpu` runs the graph on LiteRT's
+    GPU accelerator (`xhrnet_tf.litert_gpu`, a minute or more for a new graph on a software
+    Vulkan driver); tf.lite's Analyzer is not asked, as in TensorFlow 2.21 it flags nothing."""
+    from xhrnet_tf.litert_gpu import gpu_report  # pylint: disable=import-outside-toplevel
+    ops, max_rank = flatbuffer_ops(model_content)
+    custom = sorted(op for op in ops if op.startswith("CUSTOM:"))
+    out = {
+        "builtin_ops": (not custom, ", ".join(custom) or "all builtin"),
+        "rank_le_4": (max_rank <= 4, f"max rank {max_rank}"),
+        "no_batch_matmul": ("BATCH_MATMUL" not in ops, f"{ops.get('BATCH_MATMUL', 0)} found"),
+    }
+    if custom:  # the interpreter cannot load the graph without their kernels
+        out["xnnpack_one_partition"] = (False, "custom ops stay outside XNNPACK")
+        out["integer_inside"] = (None, "not checked: the graph has custom ops")
+    else:
+        xnn = xnnpack_report(model_content)
+        left = ", ".join(f"{op} x{n}" for op, n in sorted(xnn["undelegated_ops"].items()))
+        out["xnnpack_one_partition"] = (
+            xnn["whole_graph"], f"{xnn['partitions']} partition"
+            + ("s" if xnn["partitions"] != 1 else "")
+            + (f", left to TFLite's kernels: {left}" if left else ""))
+        out["integer_inside"] = _integer_inside(model_content)
+    if not gpu:
+        out["gpu_delegate"] = (None, "not run (python -m xhrnet_tf.tools.check_tflite runs it)")
+    else:
+        run = gpu_report(model_content)
+        out["gpu_delegate"] = ((run["ok"], run["detail"]) if run["available"] else
+                               (None, f"not run: {run['reason']}"))
+    return {name: dict(zip(("ok", "detail"), out[name])) for name in DELEGATE_CHECKS}
+
+
+def _integer_inside(model_content: bytes):
+    if not is_full_integer(model_content):
+        return None, "not a full-integer model"
+    floats = collections.Counter(float_kernels(model_content))
+    return not floats, ", ".join(f"{op} x{n}" for op, n in sorted(floats.items())) or \
+        "no float kernel"
+
+
+def flatbuffer_ops(model_content: bytes):
+    """(Counter of op names, the largest tensor rank) read from the flatbuffer itself, so
+    graphs an interpreter cannot load (custom ops) are read too; custom ops as "CUSTOM:name".
+    ValueError when the bytes are not a TFLite model."""
+    from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
+    if model_content[4:8] != b"TFL3":
+        raise ValueError("no TFLite file identifier (TFL3)")
+    model = schema.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    codes = []
+    for code in model.operatorCodes:
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        codes.append(f"CUSTOM:{code.customCode.decode()}" if builtin == schema.BuiltinOperator.CUSTOM
+                     else names.get(builtin, str(builtin)))
+    ops = collections.Counter(codes[op.opcodeIndex] for graph in model.subgraphs
+                              for op in graph.operators or [])
+    ranks = [len(t.shape) for graph in model.subgraphs for t in graph.tensors or []
+             if t.shape is not None]
+    return ops, max(ranks, default=0)
+
+
+def checks_summary(checks: Optional[dict]) -> str:
+    """' (delegate checks: ...)' for a .tflite's `delegate_checks`, '' for other files."""
+    if not checks:
+        return ""
+    failed = [f"{name} ({c['detail']})" for name, c in checks.items() if c["ok"] is False]
+    return " (delegate checks: " + ("failed " + "; ".join(failed) if failed else
+                                    "all passed") + ")"
+
+
 def no_delegate_resolver():
     """The op resolver that runs a model's own builtin kernels, with no default delegate.
 

@@ -345,7 +345,8 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
         if stats:
             result["stats"] = stats
         if cfg.train.export_tflite or cfg.train.qat:
-            from xhrnet_tf.tflite_utils import to_tflite  # pylint: disable=import-outside-toplevel
+            from xhrnet_tf.tflite_utils import (  # pylint: disable=import-outside-toplevel
+                checks_summary, delegate_checks, to_tflite)
             if cfg.train.qat:
                 from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
                 name, hook, deploy = "model_qat_int8.tflite", int8_hook(), model
@@ -357,7 +358,7 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
             with open(path, "wb") as f:
                 f.write(content)
             result["tflite"] = path
-            print(f"saved {path}")
+            print(f"saved {path}{checks_summary(delegate_checks(content, gpu=False))}")
     return result
 
 
