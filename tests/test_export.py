@@ -57,6 +57,7 @@ def test_files_sidecar_and_signatures(exported):
     assert meta["input_size"] == {"height": 64, "width": 64}
     assert meta["keypoints"][5] == "left_shoulder" and [5, 6] in meta["flip_pairs"]
     assert meta["int8"] == {"variant": "plain", "relative_heatmap_error_held_out": {}}
+    assert set(meta["float_channel0_scales"]) >= {"transition0_branch0"}  # equalised
     checks = meta["delegate_checks"]
     assert sorted(checks) == [f"model_{f}.tflite" for f in sorted(FLOAT_FORMATS)]
     assert all(c["ok"] for c in checks["model_fp32.tflite"].values() if c["ok"] is not None)

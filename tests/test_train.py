@@ -247,6 +247,14 @@ def test_quickstart_shortened(tmp_path):
     out = train(cfg, str(tmp_path / "run"))
     assert out["steps"] == 3 and 0.0 <= out["stats"]["AP"] <= 1.0
     assert os.path.getsize(out["tflite"]) > 100_000
+    from xhrnet_tf.tflite_utils import interpreter  # equalised and paired: the same function
+    lite = interpreter(model_path=out["tflite"])
+    x = np.random.default_rng(0).normal(size=(1, 128, 96, 3)).astype(np.float32)
+    lite.set_tensor(lite.get_input_details()[0]["index"], x)
+    lite.invoke()
+    ref = out["model"](x, training=False).numpy()
+    got = lite.get_tensor(lite.get_output_details()[0]["index"])
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
     assert os.path.exists(tmp_path / "run" / "val_results.json")
     assert os.listdir(tmp_path / "run" / "train")  # TensorBoard events
 

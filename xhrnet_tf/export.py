@@ -88,7 +88,9 @@ def _calibration_files(tfrecords: str) -> List[str]:
     files = sorted(tf.io.gfile.glob(tfrecords))
     if not files:
         raise ExportError(f"--tfrecords {tfrecords!r}: no files match; int8 needs "
-                          "calibration data")
+                          "calibration data (the float formats' equalisation uses it too): "
+                          "pass a glob of person-crop TFRecords, or no --tfrecords for "
+                          "synthetic crops")
     return files
 
 
@@ -109,7 +111,8 @@ def calibration_images(config: Config, tfrecords: Optional[str], count: int) -> 
                                     deterministic=True)
         images = [img.numpy() for img, _ in ds.take(count)]
     if not images:
-        raise ExportError("int8 calibration found no samples in the given TFRecords")
+        raise ExportError("calibration (int8, and the channel-0 equalisation of the float "
+                          "formats) found no samples in the given TFRecords")
     return images
 
 
@@ -132,6 +135,22 @@ def ptq_int8_hook(images: Iterable[np.ndarray], io_type: str):
             converter.inference_input_type = dtype
             converter.inference_output_type = dtype
     return hook
+
+
+def float_deploy_copy(config: Config, model, images: List[np.ndarray]):
+    """(graph, scales): what the SavedModel and the float .tflite files get, `model` with
+    channel 0 equalised (`xhrnet_tf.equalize`, the same function) and its shuffle units paired.
+
+    Channel 0 of each branch doubles module after module (see `equalize`): with x30's
+    bench weights it reached 8.9e4 in the last fuse sums, past float16's 65504, and the GPU
+    delegate (float16 arithmetic by default, as on phones) gave NaN heatmaps; equalised, the
+    largest activation was 200 and the GPU ran it."""
+    from xhrnet_tf import build_pose_model, equalize  # pylint: disable=import-outside-toplevel
+    from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
+    copy = build_pose_model(config, input_size=model.input_shape[1:3])
+    copy.set_weights(model.get_weights())
+    scales, _ = equalize.equalize(copy, config.model, images[:64])
+    return paired_copy(config, copy), scales
 
 
 def int8_graph_copy(config: Config, model):
@@ -294,7 +313,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
            calibration_samples: int = 200,
            int8_variants: Sequence[str] = PTQ_VARIANTS) -> dict:
     from xhrnet_tf.model import (  # pylint: disable=import-outside-toplevel
-        WeightsError, build_pose_model, check_weights_kind, load_weights, paired_copy)
+        WeightsError, build_pose_model, check_weights_kind, load_weights)
     from xhrnet_tf.tflite_utils import delegate_checks, to_tflite  # pylint: disable=import-outside-toplevel
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -305,7 +324,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     if not weights or not os.path.isfile(weights):
         raise ExportError(f"--weights {weights!r}: file not found; export needs trained weights")
     check_int8_variants(int8_variants)
-    if "int8" in formats and tfrecords:
+    if tfrecords and "qat" not in formats:
         _calibration_files(tfrecords)  # fails before the model is built, not after
     try:
         check_weights_kind(weights, "qat" in formats, hint=(
@@ -322,14 +341,18 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
         load_weights(model, weights, kind, hint="pass the weights a run of this config saved")
     except WeightsError as e:
         raise ExportError(str(e)) from None
-    calib = calibration_images(config, tfrecords, calibration_samples) if "int8" in formats \
-        else None
+    calib = None if "qat" in formats else calibration_images(
+        config, tfrecords, calibration_samples if "int8" in formats else 64)
     os.makedirs(output_dir, exist_ok=True)
     files = {"saved_model": "saved_model"}
-    # Float graphs pair the shuffle units (one channel shuffle per pair; x18 ~12% faster in
-    # XNNPACK); int8 PTQ pairs them too where the unit allows (`int8_deploy_copy`). QAT's
-    # graph is the one it trained: its fake-quant ranges belong to the plain graph.
-    deploy = model if "qat" in formats else paired_copy(config, model)
+    # Float graphs are equalised and pair the shuffle units (one channel shuffle per pair;
+    # x18 ~12% faster in XNNPACK); int8 PTQ pairs them too where the unit allows
+    # (`int8_deploy_copy`). QAT's graph is the one it trained: its fake-quant ranges belong
+    # to the plain graph.
+    scales = None
+    deploy = model if "qat" in formats else None
+    if deploy is None:
+        deploy, scales = float_deploy_copy(config, model, calib)
     save_saved_model(deploy, os.path.join(output_dir, "saved_model"))
     int8_info, checks = None, {}
     for fmt in formats:
@@ -348,7 +371,8 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
         # No GPU run here: on a software Vulkan driver it compiles for a minute or more.
         checks[files[fmt]] = delegate_checks(content, gpu=False)
     with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
-        json.dump(sidecar(config, files, int8_info, checks), f, indent=1)
+        json.dump(dict(sidecar(config, files, int8_info, checks),
+                       **({"float_channel0_scales": scales} if scales else {})), f, indent=1)
     return files
 
 

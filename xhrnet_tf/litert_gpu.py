@@ -70,13 +70,14 @@ def _run(path: str, enforce_f32: bool) -> Dict:
     return {"available": True, "fully_accelerated": bool(model.is_fully_accelerated()),
             "enforce_f32": enforce_f32, "seconds": round(seconds, 1),
             "max_abs_diff": float(diff.max()), "peak": float(np.abs(ref).max()),
-            "argmax_agree": float((flat_gpu.argmax(0) == flat_ref.argmax(0)).mean())}
+            "argmax_agree": float((flat_gpu.argmax(0) == flat_ref.argmax(0)).mean()),
+            "finite": bool(np.isfinite(gpu).all() or not np.isfinite(ref).all())}
 
 
 def gpu_report(model_content: bytes, enforce_f32: bool = False, timeout: float = 1800) -> Dict:
     """{"available": False, "reason"} when there is no WebGPU adapter; otherwise
-    {"available": True, "ok": whether the GPU took the whole graph and ran it, "detail", and
-    `_run`'s figures when it ran}."""
+    {"available": True, "ok": whether the GPU took the whole graph and its output is finite
+    (where the CPU's is), "detail", and `_run`'s figures when it ran}."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
@@ -95,9 +96,10 @@ def gpu_report(model_content: bytes, enforce_f32: bool = False, timeout: float =
     lines = res.stdout.strip().splitlines()
     if res.returncode == 0 and lines:
         report = json.loads(lines[-1])
-        report["ok"] = report["fully_accelerated"]
-        report["detail"] = ("whole graph on the GPU" if report["ok"] else
+        report["ok"] = report["fully_accelerated"] and report["finite"]
+        report["detail"] = ("whole graph on the GPU" if report["fully_accelerated"] else
                             "part of the graph fell back to the CPU") + (
+            "" if report["finite"] else ", but its output is not finite where the CPU's is") + (
             f", max |GPU - CPU| {report['max_abs_diff'] / max(report['peak'], 1e-12):.1e}"
             f" of the peak, argmax agrees {report['argmax_agree']:.0%}")
         return report

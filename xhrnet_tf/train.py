@@ -351,8 +351,10 @@ def _finish(cfg, model, model_dir, chief, total) -> dict:
                 from xhrnet_tf.qat import int8_hook  # pylint: disable=import-outside-toplevel
                 name, hook, deploy = "model_qat_int8.tflite", int8_hook(), model
             else:  # the fp32 graph xhrnet_tf.export writes
-                from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
-                name, hook, deploy = "model_fp32.tflite", None, paired_copy(cfg, model)
+                from xhrnet_tf import export  # pylint: disable=import-outside-toplevel
+                images = export.training_calibration_images(cfg, 64)
+                name, hook = "model_fp32.tflite", None
+                deploy = export.float_deploy_copy(cfg, model, images)[0]
             path = os.path.join(model_dir, name)
             content = to_tflite(deploy, converter_hook=hook)  # no half-written file on failure
             with open(path, "wb") as f:

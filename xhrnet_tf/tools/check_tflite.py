@@ -81,11 +81,13 @@ def main(argv=None) -> int:
         print(f"error: --ignore {unknown}: no such check; choose from {list(DELEGATE_CHECKS)}",
               file=sys.stderr)
         return 2
-    try:
-        results = [check_file(path, gpu=not args.no_gpu) for path in args.files]
-    except CheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results, unreadable = [], 0
+    for path in args.files:  # an unreadable file does not cost the others their report
+        try:
+            results.append(check_file(path, gpu=not args.no_gpu))
+        except CheckError as e:
+            print(f"error: {e}", file=sys.stderr)
+            unreadable += 1
     failed = {r["file"]: failures(r, ignore) for r in results}
     if args.json:
         print(json.dumps(results, indent=1))
@@ -95,7 +97,7 @@ def main(argv=None) -> int:
     bad = {f: names for f, names in failed.items() if names}
     for f, names in bad.items():
         print(f"{f}: failed {', '.join(names)}", file=sys.stderr)
-    return 1 if bad else 0
+    return 2 if unreadable else 1 if bad else 0
 
 
 if __name__ == "__main__":
