@@ -149,7 +149,8 @@ def float_deploy_copy(config: Config, model, images: List[np.ndarray]):
     from xhrnet_tf.model import paired_copy  # pylint: disable=import-outside-toplevel
     copy = build_pose_model(config, input_size=model.input_shape[1:3])
     copy.set_weights(model.get_weights())
-    scales, _ = equalize.equalize(copy, config.model, images[:64])
+    model_cfg = config.model if isinstance(config, Config) else config
+    scales, _ = equalize.equalize(copy, model_cfg, images[:64])
     return paired_copy(config, copy), scales
 
 
