@@ -11,7 +11,7 @@ import xhrnet_tf
 from xhrnet_tf import export
 from xhrnet_tf.litert_gpu import gpu_report
 from xhrnet_tf.model import paired_copy
-from xhrnet_tf.tflite_utils import delegate_checks, gpu_compatibility, to_tflite
+from xhrnet_tf.tflite_utils import checks_summary, delegate_checks, gpu_compatibility, to_tflite
 from xhrnet_tf.tools import check_tflite
 
 from conftest import randomise_weights, tiny_config
@@ -47,6 +47,10 @@ def test_delegate_checks_fail_what_delegates_reject():
     assert [name for name, c in plain.items() if c["ok"] is not True] == \
         ["gpu_delegate", "integer_inside"]  # not run; not an int8 model
     assert list(plain) == list(check_tflite.DELEGATE_CHECKS)
+    # what export and training print beside each file
+    assert checks_summary(plain) == " (delegate checks: passed (no GPU run))"
+    assert checks_summary(checks).startswith(
+        " (delegate checks: failed builtin_ops (CUSTOM:BesselI0e); rank_le_4 (max rank 5)")
 
 
 def test_check_tflite_exit_status_and_bad_files(tmp_path, capsys):
@@ -90,7 +94,7 @@ def _gpu_or_skip(content, **kw):
 
 @pytest.mark.early
 def test_gpu_delegate_runs_whole_xhrnet_graphs():
-    """The graphs `export` writes, on LiteRT's GPU backend (here on a software Vulkan
+    """The float graph `export` writes, on LiteRT's GPU backend (here on a software Vulkan
     driver): the whole graph on the GPU, and in float32 the CPU's numbers."""
     cfg = tiny_config()
     model = xhrnet_tf.build_pose_model(cfg)
@@ -103,10 +107,7 @@ def test_gpu_delegate_runs_whole_xhrnet_graphs():
     assert exact["max_abs_diff"] <= 1e-4 * exact["peak"] and exact["argmax_agree"] == 1.0
     half = gpu_report(fp32)  # float16 arithmetic, the GPU delegate's default on phones
     assert half["ok"] and half["max_abs_diff"] <= 0.05 * half["peak"], half["detail"]
-    int8 = to_tflite(export.int8_deploy_copy(cfg, model),
-                     converter_hook=export.ptq_int8_hook(images, "float"))
-    report = gpu_report(int8)
-    assert report["ok"], report["detail"]
+    # int8 graphs: the slow test below (each new graph compiles for half a minute here)
 
 
 def test_gpu_delegate_refusal_is_a_report_not_a_crash():

@@ -239,7 +239,8 @@ def flatbuffer_ops(model_content: bytes):
     codes = []
     for code in model.operatorCodes:
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-        codes.append(f"CUSTOM:{code.customCode.decode()}" if builtin == schema.BuiltinOperator.CUSTOM
+        custom = builtin == schema.BuiltinOperator.CUSTOM
+        codes.append(f"CUSTOM:{code.customCode.decode()}" if custom
                      else names.get(builtin, str(builtin)))
     ops = collections.Counter(codes[op.opcodeIndex] for graph in model.subgraphs
                               for op in graph.operators or [])
@@ -253,8 +254,9 @@ def checks_summary(checks: Optional[dict]) -> str:
     if not checks:
         return ""
     failed = [f"{name} ({c['detail']})" for name, c in checks.items() if c["ok"] is False]
+    unrun = " (no GPU run)" if checks.get("gpu_delegate", {}).get("ok", True) is None else ""
     return " (delegate checks: " + ("failed " + "; ".join(failed) if failed else
-                                    "all passed") + ")"
+                                    "passed") + unrun + ")"
 
 
 def no_delegate_resolver():
