@@ -68,10 +68,12 @@ def test_check_tflite_exit_status_and_bad_files(tmp_path, capsys):
     assert result[0]["checks"]["rank_le_4"]["ok"] is False
     assert check_tflite.main([str(good), "--ignore", "gpu"]) == 2
     assert "--ignore ['gpu']: no such check" in capsys.readouterr().err
-    junk = tmp_path / "junk.tflite"
+    junk, cut = tmp_path / "junk.tflite", tmp_path / "cut.tflite"
     junk.write_bytes(b"not a model" * 10)
+    cut.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])  # an interrupted copy
     for path, message in ((tmp_path / "none.tflite", "none.tflite: file not found"),
-                          (junk, "junk.tflite: not a readable TFLite model")):
+                          (junk, "junk.tflite: not a readable TFLite model"),
+                          (cut, "cut.tflite: not a readable TFLite model (truncated")):
         assert check_tflite.main([str(path), str(good), "--no_gpu"]) == 2
         out, err = capsys.readouterr()
         assert message in err and len(err.strip().splitlines()) == 1

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import io
 import os
+import struct
 import tempfile
 import warnings
 from typing import Dict, List, Optional
@@ -234,7 +235,10 @@ def flatbuffer_ops(model_content: bytes):
     from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
     if model_content[4:8] != b"TFL3":
         raise ValueError("no TFLite file identifier (TFL3)")
-    model = schema.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
+    try:
+        model = schema.ModelT.InitFromPackedBuf(bytearray(model_content), 0)
+    except (struct.error, IndexError, TypeError, UnicodeDecodeError):
+        raise ValueError("truncated or corrupt flatbuffer") from None
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     codes = []
     for code in model.operatorCodes:
