@@ -290,11 +290,10 @@ def format_hook(fmt: str):
 
 
 def sidecar(config: Config, files: dict, int8: Optional[dict] = None,
-            checks: Optional[dict] = None) -> dict:
+            checks: Optional[dict] = None, float_scales: Optional[dict] = None) -> dict:
     h, w = config.model.input_size
-    extra = {"int8": int8} if int8 else {}
-    if checks:
-        extra["delegate_checks"] = checks
+    extra = {key: value for key, value in (("int8", int8), ("delegate_checks", checks),
+                                           ("float_channel0_scales", float_scales)) if value}
     return {
         "model": "X-HRNet", "unit": config.model.unit, "input_size": {"height": h, "width": w},
         "input": "RGB float32, (pixel / 255 - mean) / std (unless an int8/uint8 input says "
@@ -350,9 +349,9 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
     # x18 ~12% faster in XNNPACK); int8 PTQ pairs them too where the unit allows
     # (`int8_deploy_copy`). QAT's graph is the one it trained: its fake-quant ranges belong
     # to the plain graph.
-    scales = None
-    deploy = model if "qat" in formats else None
-    if deploy is None:
+    if "qat" in formats:
+        deploy, scales = model, None
+    else:
         deploy, scales = float_deploy_copy(config, model, calib)
     save_saved_model(deploy, os.path.join(output_dir, "saved_model"))
     int8_info, checks = None, {}
@@ -372,8 +371,7 @@ def export(config: Config, weights: str, output_dir: str, formats: List[str],
         # No GPU run here: on a software Vulkan driver it compiles for a minute or more.
         checks[files[fmt]] = delegate_checks(content, gpu=False)
     with open(os.path.join(output_dir, "model.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(sidecar(config, files, int8_info, checks),
-                       **({"float_channel0_scales": scales} if scales else {})), f, indent=1)
+        json.dump(sidecar(config, files, int8_info, checks, scales), f, indent=1)
     return files
 
 
