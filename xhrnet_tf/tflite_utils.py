@@ -96,17 +96,15 @@ def dequantize_output(y: np.ndarray, detail: Dict) -> np.ndarray:
 
 
 def graph_report(model_content: bytes) -> Dict:
-    """Op histogram and the properties delegates care about."""
-    interp = interpreter(model_content,
-                         experimental_op_resolver_type=no_delegate_resolver())
-    ops = collections.Counter(d["op_name"] for d in interp._get_ops_details())  # pylint: disable=protected-access
-    ranks = [len(t["shape"]) for t in interp.get_tensor_details()]
+    """Op histogram and the properties delegates care about, read from the flatbuffer
+    (`flatbuffer_ops`), so graphs with custom ops are reported too."""
+    ops, max_rank = flatbuffer_ops(model_content)
     return {
         "ops": dict(ops),
         "num_ops": sum(ops.values()),
-        "max_rank": max(ranks),
-        "custom_or_flex_ops": sorted(op for op in ops if op.startswith("Flex") or
-                                     op.upper() != op),
+        "max_rank": max_rank,
+        "custom_or_flex_ops": sorted(op[len("CUSTOM:"):] for op in ops
+                                     if op.startswith("CUSTOM:")),
         "size_bytes": len(model_content),
     }
 
@@ -193,11 +191,12 @@ def delegate_checks(model_content: bytes, gpu: bool = True) -> Dict[str, Dict]:
     GPU accelerator (`xhrnet_tf.litert_gpu`, a minute or more for a new graph on a software
     Vulkan driver); tf.lite's Analyzer is not asked, as in TensorFlow 2.21 it flags nothing."""
     from xhrnet_tf.litert_gpu import gpu_report  # pylint: disable=import-outside-toplevel
-    ops, max_rank = flatbuffer_ops(model_content)
+    report = graph_report(model_content)
+    ops = report["ops"]
     custom = sorted(op for op in ops if op.startswith("CUSTOM:"))
     out = {
         "builtin_ops": (not custom, ", ".join(custom) or "all builtin"),
-        "rank_le_4": (max_rank <= 4, f"max rank {max_rank}"),
+        "rank_le_4": (report["max_rank"] <= 4, f"max rank {report['max_rank']}"),
         "no_batch_matmul": ("BATCH_MATMUL" not in ops, f"{ops.get('BATCH_MATMUL', 0)} found"),
     }
     if custom:  # the interpreter cannot load the graph without their kernels
