@@ -147,7 +147,9 @@ def xnnpack_report(model_content: bytes, num_threads: int = 1) -> Dict:
 
 
 def gpu_compatibility(model_content: bytes) -> List[str]:
-    """GPU-delegate warnings of tf.lite's Analyzer; an empty list means it found none."""
+    """GPU-delegate warnings of tf.lite's Analyzer; an empty list means it found none.
+    TensorFlow 2.21's Analyzer has its GPU rules compiled out and finds none for any graph
+    (tests/test_delegates.py); `xhrnet_tf.litert_gpu` asks the GPU delegate itself."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
