@@ -93,9 +93,9 @@ def gpu_report(model_content: bytes, enforce_f32: bool = False, timeout: float =
         except subprocess.TimeoutExpired:
             return {"available": True, "ok": False,
                     "detail": f"the GPU run did not finish in {timeout:.0f} s"}
-    lines = res.stdout.strip().splitlines()
-    if res.returncode == 0 and lines:
-        report = json.loads(lines[-1])
+    out_lines = res.stdout.strip().splitlines()
+    if res.returncode == 0 and out_lines:
+        report = json.loads(out_lines[-1])
         report["ok"] = report["fully_accelerated"] and report["finite"]
         report["detail"] = ("whole graph on the GPU" if report["fully_accelerated"] else
                             "part of the graph fell back to the CPU") + (
@@ -106,8 +106,8 @@ def gpu_report(model_content: bytes, enforce_f32: bool = False, timeout: float =
     if any(marker in res.stderr for marker in _NO_ADAPTER):
         return {"available": False, "reason": "no WebGPU adapter: install a Vulkan driver "
                 "(Debian 12: mesa-vulkan-drivers from bookworm-backports)"}
-    lines = res.stderr.splitlines()
-    why = next((ln for pattern in _WHY for ln in lines if pattern in ln),
+    log = res.stderr.splitlines()
+    why = next((ln for pattern in _WHY for ln in log if pattern in ln),
                f"exit status {res.returncode}")
     return {"available": True, "ok": False,
             "detail": "the GPU delegate refused the graph: "
